@@ -1,0 +1,158 @@
+"""Atomic, safetensors-only checkpoints that resume a run exactly.
+
+Layout of `output_dir/checkpoint-{step}/`:
+  model.safetensors           trainable weights (the full model, or only the LoRA adapter's tensors)
+  optimizer.safetensors       every tensor of the optimizer and scheduler state, flattened by key path
+  state.json                  the non-tensor rest: param groups, scheduler counters, trainer state, Python RNG
+  rng.safetensors             torch CPU/CUDA RNG states
+A checkpoint is written into a temporary sibling folder and renamed into place, so a crash never
+leaves a half-written checkpoint that `latest_checkpoint` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+
+
+def _split_tensors(tree: Any, path: str, tensors: dict) -> Any:
+    """Replace every tensor in a nested dict/list by a reference key, collecting tensors by key path."""
+    if isinstance(tree, torch.Tensor):
+        tensors[path] = tree.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(tree, dict):
+        return {str(k): _split_tensors(v, f"{path}.{k}", tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split_tensors(v, f"{path}.{i}", tensors) for i, v in enumerate(tree)]
+    return tree
+
+
+def _join_tensors(tree: Any, tensors: dict) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_tensors(v, tensors) for v in tree]
+    return tree
+
+
+def _int_keys(state: dict) -> dict:
+    """JSON turned the optimizer's integer parameter ids into strings; turn them back."""
+    state = dict(state)
+    state["state"] = {int(k): v for k, v in state.get("state", {}).items()}
+    return state
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights that training changes: all parameters, or only the adapter's for a PEFT model."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _load_trainable(model: torch.nn.Module, weights: dict) -> None:
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, weights)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise ValueError(f"checkpoint weights do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+
+
+def rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    trainer_state: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint-{step} atomically (temp folder + rename) and prune all but the newest `keep`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step}-", dir=output_dir))
+    try:
+        save_file(trainable_state_dict(model), str(tmp / "model.safetensors"))
+        opt_tensors: dict = {}
+        plain = {
+            "optimizer": _split_tensors(optimizer.state_dict(), "optimizer", opt_tensors) if optimizer else None,
+            "scheduler": _split_tensors(scheduler.state_dict(), "scheduler", opt_tensors) if scheduler else None,
+            "trainer_state": _split_tensors(trainer_state or {}, "trainer", opt_tensors),
+            "step": step,
+        }
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, plain["rng"] = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(plain))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders are never listed)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the trainer state saved with them."""
+    path = Path(path)
+    _load_trainable(model, load_file(str(path / "model.safetensors")))
+    plain = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    if optimizer is not None and plain["optimizer"] is not None:
+        optimizer.load_state_dict(_int_keys(_join_tensors(plain["optimizer"], tensors)))
+    if scheduler is not None and plain["scheduler"] is not None:
+        scheduler.load_state_dict(_join_tensors(plain["scheduler"], tensors))
+    if restore_rng:
+        set_rng_state(load_file(str(path / "rng.safetensors")), plain["rng"])
+    return _join_tensors(plain["trainer_state"], tensors)

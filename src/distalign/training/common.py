@@ -1,0 +1,116 @@
+"""Pieces every training loop shares: seeding, optimiser and schedule, the finite-loss guard, logging."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/inf; training stops before anything non-finite is saved."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors).
+
+    The fused kernel is used on CUDA (one launch per step instead of one per tensor); the foreach
+    path elsewhere.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+                             eps=optim.adam_eps, fused=fused or None, foreach=None if fused else True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> LambdaLR:
+    """Linear warm-up for `warmup_steps`, then cosine / linear decay to 0 at `total_steps`, or constant."""
+    warmup, schedule = optim.warmup_steps, optim.schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def check_finite(loss: torch.Tensor, step: int, where: str = "loss") -> None:
+    """Stop with a clear message on NaN/inf. One host sync per optimizer step, not per micro-batch."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(
+            f"step {step}: {where} is {loss.detach().float().cpu().tolist()}; stopping without saving "
+            "(lower the learning rate, check the data, or use float32)")
+
+
+class MetricsLogger:
+    """Scalars to metrics.jsonl and TensorBoard (main process only), plus a tqdm bar."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, total: int = 0, initial: int = 0,
+                 progress_bar: bool = True, description: str = "train"):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but logging must not kill a run
+            self.writer = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=description, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in clean.items():
+                self.writer.add_scalar(k, v, step)
+        if self.bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in clean.items() if k.split("/")[-1] in (
+                "loss", "accuracy", "reward_mean", "kl", "margin")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.jsonl.close()
