@@ -1,0 +1,120 @@
+"""Render prompts (plain or through the chat template) and tokenise normalised examples.
+
+    records, report = tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=256, max_length=512)
+
+Prompt and response ids stay separate because log-probs are summed over response tokens only
+(SPEC §1: logp(y|x) = sum_t log pi(y_t | x, y_<t)).
+- plain prompt: `tokenizer(prompt)`, keeping the BOS the tokenizer adds (an EOS it appends is dropped,
+  since the prompt does not end the sequence);
+- chat prompt: `apply_chat_template(messages, add_generation_prompt=True)` as text, then tokenised with
+  `add_special_tokens=False`, because the template already writes its own special tokens;
+- response: `tokenizer(text, add_special_tokens=False) + [eos]`.
+A prompt longer than `max_prompt_length` is a `DataError` (or skipped and counted). A response that
+would make prompt + response exceed `max_length` loses tokens from its end, EOS first, and the row is
+counted under that field in `report.truncated`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .records import DataError, DataReport, TokenizedDemo, TokenizedPair, TokenizedPrompt
+from .validation import KINDS, Where
+
+RESPONSE_FIELDS = {"pairs": ("chosen", "rejected"), "demonstrations": ("completion",), "prompts": ()}
+
+
+def tokenize_examples(examples: list[dict], kind: str, tokenizer, *, max_prompt_length: int, max_length: int,
+                      skip_invalid: bool = False, source_name: str | None = None
+                      ) -> tuple[list[TokenizedPair | TokenizedDemo | TokenizedPrompt], DataReport]:
+    """Tokenise examples from `load_examples`; returns the records and a report of skips and truncations."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, found {kind!r}")
+    if max_prompt_length <= 0 or max_length <= max_prompt_length:
+        raise ValueError(f"max_length: must exceed max_prompt_length, which must be > 0 "
+                         f"(found max_length={max_length}, max_prompt_length={max_prompt_length})")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before tokenising responses")
+    wheres = [Where(source_name or ex.get("_source") or "<data>", ex.get("_row", i + 1))
+              for i, ex in enumerate(examples)]
+    report = DataReport(source=wheres[0].source if wheres else (source_name or ""), rows_read=len(examples))
+    prompt_ids = tokenize_prompts([ex["prompt"] for ex in examples], tokenizer, wheres)
+    response_ids = {f: tokenize_responses([ex[f] for ex in examples], tokenizer) for f in RESPONSE_FIELDS[kind]}
+    records = []
+    for i, example in enumerate(examples):
+        try:
+            check_prompt_length(prompt_ids[i], max_prompt_length, wheres[i])
+        except DataError as error:
+            if not skip_invalid:
+                raise
+            report.skip(error)
+            continue
+        budget = max_length - len(prompt_ids[i])
+        responses = {}
+        for field_name, ids in response_ids.items():
+            if len(ids[i]) > budget:
+                report.truncate(field_name)
+            responses[field_name] = ids[i][:budget]
+        records.append(_record(kind, prompt_ids[i], responses, example))
+    return records, report
+
+
+def check_prompt_length(ids: list[int], max_prompt_length: int, where: Where) -> None:
+    if not ids:
+        raise where.error("prompt", "expected at least one token, found none after tokenisation", "empty prompt")
+    if len(ids) > max_prompt_length:
+        raise where.error("prompt", f"expected at most {max_prompt_length} tokens (max_prompt_length), "
+                          f"found {len(ids)}", "prompt too long")
+
+
+def tokenize_prompts(prompts: list[str | list[dict]], tokenizer, wheres: list[Where] | None = None
+                     ) -> list[list[int]]:
+    """Ids of each prompt; plain strings and rendered chat prompts go through the tokenizer in two batches."""
+    wheres = wheres or [Where("<prompts>", i + 1) for i in range(len(prompts))]
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    ids: list[list[int]] = [[] for _ in prompts]
+    plain_ids = _batch_ids(tokenizer, [prompts[i] for i in plain], add_special_tokens=True)
+    drop_eos = _appends_eos(tokenizer)
+    for i, row_ids in zip(plain, plain_ids):
+        ids[i] = row_ids[:-1] if drop_eos and row_ids and row_ids[-1] == tokenizer.eos_token_id else row_ids
+    texts = [render_chat_prompt(prompts[i], tokenizer, wheres[i]) for i in chat]
+    for i, row_ids in zip(chat, _batch_ids(tokenizer, texts, add_special_tokens=False)):
+        ids[i] = row_ids
+    return ids
+
+
+def render_chat_prompt(messages: list[dict], tokenizer, where: Where) -> str:
+    """The chat template's text for `messages`, ending with the cue for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise where.error("prompt", "expected a plain string because the tokenizer has no chat_template, "
+                          "found chat messages (set tokenizer.chat_template or use a chat model's tokenizer)",
+                          "no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_responses(texts: list[str], tokenizer) -> list[list[int]]:
+    """Ids of each response followed by EOS, so the model learns where the answer stops."""
+    return [ids + [tokenizer.eos_token_id] for ids in _batch_ids(tokenizer, texts, add_special_tokens=False)]
+
+
+def _batch_ids(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def _appends_eos(tokenizer) -> bool:
+    """Whether `tokenizer(text)` ends with an EOS it added itself (some post-processors do)."""
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return bool(with_special) and with_special[-1] == eos and (not without or without[-1] != eos)
+
+
+def _record(kind: str, prompt_ids: list[int], responses: dict[str, list[int]], example: dict[str, Any]):
+    if kind == "pairs":
+        return TokenizedPair(prompt_ids, responses["chosen"], responses["rejected"])
+    if kind == "demonstrations":
+        return TokenizedDemo(prompt_ids, responses["completion"])
+    return TokenizedPrompt(prompt_ids, example["prompt"], dict(example.get("extra", {})))
