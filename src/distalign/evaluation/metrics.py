@@ -1,0 +1,182 @@
+"""Model-based metrics: KL(pi||pi0) on the policy's own samples, reward-model score, RM accuracy.
+
+Seed 001 Table 2 reports exactly these beside the win-rate: the RM score of the learned reward model
+and KL(pi||pi0) on responses sampled from pi. All summaries are a mean and its standard error
+(sample standard deviation / sqrt(n)).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distalign.objectives import kl_estimate
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sqrt(s^2 / n)) with s^2 the unbiased sample variance; NaN where undefined (n < 1 / n < 2)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, math.nan
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def kl_to_reference(policy_logps: Tensor, ref_logps: Tensor) -> dict:
+    """KL(pi||pi0) from y_i ~ pi(.|x_i): log pi(y_i|x_i) and log pi0(y_i|x_i), shapes (N,).
+
+    k1 = mean of l_i = log pi - log pi0 (unbiased, can be negative on few samples);
+    k3 = mean of exp(-l_i) - 1 + l_i (unbiased, >= 0, lower variance when pi is near pi0);
+    Schulman 2020 "Approximating KL divergence"; the estimators are `objectives.kl_estimate`.
+    """
+    if policy_logps.shape != ref_logps.shape or policy_logps.dim() != 1:
+        raise ValueError(f"kl_to_reference: want two (N,) tensors, got {tuple(policy_logps.shape)} "
+                         f"and {tuple(ref_logps.shape)}")
+    policy64, ref64 = policy_logps.detach().double().cpu(), ref_logps.detach().double().cpu()
+    k1_mean, k1_stderr = mean_stderr(kl_estimate(policy64, ref64, "k1").tolist())
+    k3_mean, k3_stderr = mean_stderr(kl_estimate(policy64, ref64, "k3").tolist())
+    return {"kl": k1_mean, "kl_stderr": k1_stderr, "kl_k3": k3_mean, "kl_k3_stderr": k3_stderr,
+            "n": int(policy_logps.numel())}
+
+
+def rm_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequence[float]) -> dict:
+    """RewardBench-style accuracy: fraction of held-out pairs with R(chosen) > R(rejected), ties half."""
+    if len(chosen_rewards) != len(rejected_rewards):
+        raise ValueError(f"rm_accuracy: {len(chosen_rewards)} chosen but {len(rejected_rewards)} rejected rewards")
+    hits = [1.0 if c > r else 0.0 if c < r else 0.5 for c, r in zip(chosen_rewards, rejected_rewards)]
+    accuracy, stderr = mean_stderr(hits)
+    return {"accuracy": accuracy, "stderr": stderr, "n": len(hits)}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """model.eval() and no autograd inside; the caller's train/eval flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _padding(tokenizer, side: str):
+    """Temporarily pad on `side`, with EOS as the pad token if the tokenizer has none (Pythia, Llama)."""
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
+
+
+def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                  batch_size: int = 8) -> list[float]:
+    """R(x, y) = the single logit of an AutoModelForSequenceClassification on the text prompt + response.
+
+    Right padding; HF reads the logit at the last non-pad token, so config.pad_token_id must be set
+    (it is filled from the tokenizer when missing).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(responses)} responses")
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    with _padding(tokenizer, "right"), eval_mode(model):
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        for start in range(0, len(prompts), batch_size):
+            texts = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+            batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+    return scores
+
+
+@dataclass
+class Samples:
+    """Responses sampled from a policy: ids end with EOS unless the length limit cut them."""
+
+    prompts_ids: list[list[int]]
+    responses_ids: list[list[int]]
+    texts: list[str]
+    n_without_eos: int      # responses cut at max_new_tokens (reported, never hidden)
+
+
+def _cut_at_eos(generated: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(generated):
+        if token in eos_ids:
+            return generated[:position + 1], True
+    return generated, False
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> Samples:
+    """y_i ~ pi(.|x_i) by model.generate on left-padded batches; temperature <= 0 means greedy.
+
+    The torch RNG is seeded with `seed` inside a fork, so the caller's RNG state is untouched.
+    """
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    prompts_ids, responses_ids, texts, n_without_eos = [], [], [], 0
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+        if temperature > 0 else {"do_sample": False}
+    rng_devices = [device] if device.type == "cuda" else []
+    with _padding(tokenizer, "left"), eval_mode(model), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
+            batch = batch.to(device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+            width = batch["input_ids"].shape[1]
+            for row in range(output.shape[0]):
+                mask = batch["attention_mask"][row].bool()
+                prompts_ids.append(batch["input_ids"][row][mask].tolist())
+                response, ended = _cut_at_eos(output[row, width:].tolist(), eos_ids)
+                n_without_eos += not ended
+                responses_ids.append(response)
+                texts.append(tokenizer.decode(response, skip_special_tokens=True))
+    return Samples(prompts_ids, responses_ids, texts, n_without_eos)
+
+
+def response_logps(model, prompts_ids: Sequence[list[int]], responses_ids: Sequence[list[int]],
+                   pad_token_id: int, batch_size: int = 8) -> Tensor:
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only, fp32, shape (N,).
+
+    Right-padded [prompt, response] rows; logits at position t predict token t+1, so the response
+    token at position t is scored by the log-softmax at t-1.
+    """
+    device = next(model.parameters()).device
+    out: list[Tensor] = []
+    with eval_mode(model):
+        for start in range(0, len(prompts_ids), batch_size):
+            rows = [list(p) + list(r) for p, r in zip(prompts_ids[start:start + batch_size],
+                                                       responses_ids[start:start + batch_size])]
+            width = max(len(row) for row in rows)
+            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, (row, prompt) in enumerate(zip(rows, prompts_ids[start:start + batch_size])):
+                input_ids[i, :len(row)] = torch.tensor(row)
+                attention[i, :len(row)] = 1
+                response_mask[i, len(prompt):len(row)] = True
+            input_ids, attention = input_ids.to(device), attention.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()  # (B, T, V)
+            token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+                -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)                          # (B, T-1)
+            out.append((token_logps * response_mask[:, 1:].to(device)).sum(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
