@@ -1,0 +1,158 @@
+"""Scoring an arbitrary policy (e.g. a Hugging Face transformer) against a world's exact target.
+
+    tokenizer = world_tokenizer(world)                          # every world word is one token
+    policy_logps = hf_policy_logprob_fn(model, tokenizer)       # (prompts, responses) -> Tensor (N,)
+    estimate = kl_target_to_policy(world, policy_logps)         # exact when |space| <= 20k per prompt
+
+The policy enters only through `policy_logprob_fn(prompts, responses) -> Tensor` of summed response
+log-probs (EOS included), so nothing here depends on the trainer. KL(pi*||pi) needs pi's log-probs
+only on pi*'s support, so it is exact by enumeration even when pi can also write other text.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distalign.data import tokenize_prompts, tokenize_responses
+
+from .lm import LMWorld, all_sequences, sequence_count
+
+PolicyLogprobFn = Callable[[list[str], list[str]], Tensor]
+
+
+@dataclass(frozen=True)
+class KLEstimate:
+    """E_x KL(pi*(x) || pi(x)) with x uniform over the world's prompts; stderr is 0 when exact."""
+
+    value: float
+    stderr: float
+    exact: bool
+    per_prompt: list[float]
+    n_scored: int          # (prompt, response) pairs the policy scored
+
+
+def kl_target_to_policy(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, *, method: str = "auto",
+                        max_enumerate: int = 20_000, n_samples: int = 4096, batch_size: int = 512,
+                        seed: int = 0) -> KLEstimate:
+    """KL(pi*||pi) = E_{y ~ pi*} [log pi*(y|x) - log pi(y|x)], averaged over prompts.
+
+    method="exact": sum over all sum_l V^l responses of each prompt; "mc": n_samples draws from pi*,
+    split evenly over prompts (stratified), stderr = sqrt(sum_x s_x^2 / n_x) / X;
+    "auto": exact when the space has at most max_enumerate responses per prompt.
+    """
+    if method not in ("auto", "exact", "mc"):
+        raise ValueError(f"method: expected 'auto', 'exact' or 'mc', found {method!r}")
+    exact = method == "exact" or (method == "auto"
+                                  and sequence_count(len(world.words), world.max_len) <= max_enumerate)
+    if exact:
+        return _kl_by_enumeration(world, policy_logprob_fn, batch_size)
+    per_prompt_n = max(2, n_samples // len(world.prompts))
+    return _kl_by_sampling(world, policy_logprob_fn, per_prompt_n, batch_size, seed)
+
+
+def _score(policy_logprob_fn: PolicyLogprobFn, prompts: list[str], responses: list[str],
+           batch_size: int) -> Tensor:
+    parts = [policy_logprob_fn(prompts[i:i + batch_size], responses[i:i + batch_size])
+             for i in range(0, len(prompts), batch_size)]
+    return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1) for p in parts])
+
+
+def _kl_by_enumeration(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, batch_size: int) -> KLEstimate:
+    tokens = all_sequences(len(world.words), world.max_len)
+    texts = world.decode(tokens)
+    per_prompt = []
+    for x, prompt in enumerate(world.prompts):
+        target_logps = world.target.logprob(torch.full((len(tokens),), x), tokens)
+        policy_logps = _score(policy_logprob_fn, [prompt] * len(texts), texts, batch_size)
+        probs = target_logps.exp()
+        zero = torch.zeros((), dtype=torch.float64)
+        terms = torch.where(probs > 0, probs * (target_logps - policy_logps), zero)
+        per_prompt.append(float(terms.sum()))
+    n_scored = len(texts) * len(world.prompts)
+    return KLEstimate(sum(per_prompt) / len(per_prompt), 0.0, True, per_prompt, n_scored)
+
+
+def _kl_by_sampling(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, per_prompt_n: int, batch_size: int,
+                    seed: int) -> KLEstimate:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.arange(len(world.prompts)).repeat_interleave(per_prompt_n)
+    tokens = world.target.sample(x, gen)
+    prompts = [world.prompts[i] for i in x.tolist()]
+    policy_logps = _score(policy_logprob_fn, prompts, world.decode(tokens), batch_size)
+    log_ratio = world.target.logprob(x, tokens) - policy_logps
+    by_prompt = log_ratio.reshape(len(world.prompts), per_prompt_n)
+    means, variances = by_prompt.mean(1), by_prompt.var(1, unbiased=True)
+    stderr = math.sqrt(float(variances.sum()) / per_prompt_n) / len(world.prompts)
+    return KLEstimate(float(means.mean()), stderr, False, means.tolist(), len(prompts))
+
+
+def kl_policy_to_target(world: LMWorld, prompts: list[str], policy_samples: list[str],
+                        policy_logps: Tensor) -> tuple[float, float]:
+    """Monte Carlo KL(pi||pi*) = E_{y ~ pi} [log pi(y|x) - log pi*(y|x)] from the policy's own samples
+    and their log-probs: (mean, stderr). A sample off pi*'s support makes it +inf, as it should."""
+    target_logps = world.logprob(list(prompts), list(policy_samples))
+    log_ratio = torch.as_tensor(policy_logps, dtype=torch.float64) - target_logps
+    if len(log_ratio) < 2:
+        raise ValueError(f"policy_samples: expected at least 2 samples, found {len(log_ratio)}")
+    return float(log_ratio.mean()), float(log_ratio.std(unbiased=True) / math.sqrt(len(log_ratio)))
+
+
+def hf_policy_logprob_fn(model, tokenizer, batch_size: int = 256,
+                         device: str | None = None) -> PolicyLogprobFn:
+    """Callback for a causal LM: sum over response tokens (EOS included) of log pi(token | prefix).
+
+    Rendering matches `distalign.data`: the prompt with the tokenizer's default special tokens,
+    the response with add_special_tokens=False followed by EOS; sequences right-padded.
+    """
+    device = device or next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def policy_logps(prompts: list[str], responses: list[str]) -> Tensor:
+        prompt_ids = tokenize_prompts(list(prompts), tokenizer)
+        response_ids = tokenize_responses(list(responses), tokenizer)
+        out = [_batch_logps(model, prompt_ids[i:i + batch_size], response_ids[i:i + batch_size],
+                            pad_id, device) for i in range(0, len(prompt_ids), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    return policy_logps
+
+
+def _batch_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                 device) -> Tensor:
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, : len(p) + len(r)] = 1
+        response[i, len(p): len(p) + len(r)] = True
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    logits = logits.float()                                                     # (B, T, V)
+    # position t predicts token t+1, so response token t is scored by logits[t-1]
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    token_logps = log_probs.gather(-1, input_ids[:, 1:].to(device)[..., None]).squeeze(-1).cpu()
+    return torch.where(response[:, 1:], token_logps, torch.zeros(())).sum(1).to(torch.float64)
+
+
+def world_tokenizer(world: LMWorld):
+    """A word-level `PreTrainedTokenizerFast` over the world's text: every word is one token,
+    prompts get a leading <bos>, responses (add_special_tokens=False) none; EOS is <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    words = sorted({w for text in [*world.prompts, *world.words] for w in text.split()})
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                        special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>")
