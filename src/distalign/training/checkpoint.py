@@ -54,22 +54,36 @@ def _int_keys(state: dict) -> dict:
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights that training changes: all parameters, or only the adapter's for a PEFT model."""
+    """Weights that training changes: all parameters, or only the adapter's for a PEFT model.
+
+    Tied tensors (e.g. embeddings shared with the LM head) are stored once, under their first name;
+    safetensors refuses aliases, and loading restores the tie through the shared storage.
+    """
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    unique, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().cpu().contiguous()
+    return unique
 
 
 def _load_trainable(model: torch.nn.Module, weights: dict) -> None:
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, weights)
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-            raise ValueError(f"checkpoint weights do not match the model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in weights if k in state}
+    untied_missing = [k for k in missing if state[k].data_ptr() not in loaded]
+    if unexpected or untied_missing:
+        raise ValueError(f"checkpoint weights do not match the model: missing {untied_missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 def rng_state() -> tuple[dict, dict]:

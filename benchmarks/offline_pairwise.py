@@ -1,0 +1,190 @@
+"""distalign DPO against TRL's DPOTrainer on the same tiny models and data, in one run.
+
+    python benchmarks/offline_pairwise.py                 # tiny + medium Llama, 30 timed steps each
+    python benchmarks/offline_pairwise.py --sizes tiny --steps 10
+
+Each side runs in its own subprocess (so peak RSS is its own), sides alternate, and the script
+prints pairs/s, unique tokens/s, peak RSS, the ratios, and useful FLOP/s against the matmul peak
+measured in the same run (PERFORMANCE.md: "useful" = unique unpadded tokens x (6N policy
+forward+backward + 2N reference forward), N = non-embedding parameters).
+Setup (issue #3 §7): batch 8 pairs, max length 128, fp32, reference model on, 2,000 synthetic pairs
+with ~64-token prompts and ~48-token responses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = {"tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688),
+         "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376)}
+BATCH, MAX_LENGTH, LR = 8, 128, 1e-6
+
+
+def build_world(root: Path, sizes: list[str], n_pairs: int, seed: int = 0) -> dict:
+    """Tiny Llama folders sharing one tokenizer, and a JSONL of synthetic pairs."""
+    from distalign.models.tiny import make_tiny
+    from transformers import AutoTokenizer
+    paths = {}
+    for name in sizes:
+        paths[name] = str(make_tiny(root / name, arch="llama", vocab_size=1024, seed=seed,
+                                    max_position_embeddings=256, **SIZES[name]))
+    tokenizer = AutoTokenizer.from_pretrained(paths[sizes[0]])
+    words = [t for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 2]
+    words = [tokenizer.convert_tokens_to_string([w]) for w in sorted(words)]
+    rng = random.Random(seed)
+    text = lambda lo, hi: "".join(rng.choice(words) for _ in range(rng.randint(lo, hi))).strip()
+    data = root / "pairs.jsonl"
+    with open(data, "w") as f:
+        for _ in range(n_pairs):
+            f.write(json.dumps({"prompt": text(56, 72), "chosen": text(40, 56), "rejected": text(40, 56)}) + "\n")
+    return {"models": paths, "data": str(data)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def non_embedding_params(model) -> int:
+    embed = {id(p) for m in model.modules() if m.__class__.__name__ == "Embedding" for p in m.parameters()}
+    head = model.get_output_embeddings()
+    embed |= {id(p) for p in head.parameters()} if head is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in embed)
+
+
+def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, precompute: bool) -> dict:
+    import torch
+    from distalign.config import load_config, OfflineConfig
+    from distalign.training.offline import OfflineTrainer
+    cfg = load_config(OfflineConfig, None, [
+        "method=dpo", f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={MAX_LENGTH}",
+        "data.max_prompt_length=96", f"train.batch_size={BATCH}", f"train.max_steps={warmup + steps}",
+        f"train.output_dir={out}", f"optim.learning_rate={LR}", "train.progress_bar=false"])
+    trainer = OfflineTrainer(cfg, log=lambda *a: None)
+    precompute_s = 0.0
+    if precompute:  # once per dataset: its cost is amortised over every pair it serves (one epoch)
+        from distalign.training.reference_cache import precompute_reference_logps
+        t0 = time.perf_counter()
+        trainer.ref_cache = precompute_reference_logps(trainer, trainer.train_records)
+        precompute_s = time.perf_counter() - t0
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        trainer.train_step(step)
+        times.append(time.perf_counter() - t0)
+    tokens = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in trainer.train_records]
+    model_obj = trainer.acc.unwrap_model(trainer.model)
+    return {"step_times": times[warmup:], "precompute_s": precompute_s, "n_pairs": len(trainer.train_records),
+            "tokens_per_pair": statistics.mean(tokens),
+            "non_embedding_params": non_embedding_params(model_obj), "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
+
+
+def run_trl(model: str, data: str, warmup: int, steps: int, out: str) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype="float32")
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
+                     learning_rate=LR, max_steps=warmup + steps, logging_steps=10_000, save_strategy="no",
+                     report_to="none", use_cpu=True, bf16=False, dataloader_num_workers=0, beta=0.1,
+                     disable_dropout=True)
+    timer = Timer()
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
+                         processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    return {"step_times": timer.times[warmup:], "peak_rss_mb": peak_rss_mb()}
+
+
+def matmul_peak_gflops(repeats: int = 20) -> float:
+    import torch
+    a, b = torch.randn(2000, 256), torch.randn(256, 688)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2000 * 256 * 688 / best / 1e9
+
+
+def worker(args) -> None:
+    if args.worker == "trl":
+        result = run_trl(args.model, args.data, args.warmup, args.steps, args.out)
+    else:
+        result = run_distalign(args.model, args.data, args.warmup, args.steps, args.out,
+                               args.worker == "distalign-precomputed")
+    print("RESULT " + json.dumps(result))
+
+
+def launch(kind: str, model: str, data: str, warmup: int, steps: int, tmp: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", data,
+           "--warmup", str(warmup), "--steps", str(steps), "--out", str(tmp / f"out-{kind}")]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+               DISTALIGN_CACHE=tempfile.mkdtemp(dir=tmp))  # never a warm cache
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,medium")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--worker", choices=("distalign", "distalign-precomputed", "trl"))
+    parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    sizes = args.sizes.split(",")
+    peak = matmul_peak_gflops()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        world = build_world(tmp, sizes, args.pairs)
+        for size in sizes:
+            results = {}
+            for kind in ("trl", "distalign", "distalign-precomputed"):  # alternate sides, one process each
+                results[kind] = launch(kind, world["models"][size], world["data"], args.warmup, args.steps, tmp)
+            base = results["distalign"]
+            tokens, n = base["tokens_per_pair"], base["non_embedding_params"]
+            trl_pairs = BATCH / statistics.median(results["trl"]["step_times"])
+            for kind, r in results.items():
+                seconds_per_pair = statistics.median(r["step_times"]) / BATCH
+                seconds_per_pair += r.get("precompute_s", 0.0) / r.get("n_pairs", 1)
+                pairs_s = 1.0 / seconds_per_pair
+                useful = pairs_s * tokens * 8 * n / 1e9
+                rows.append((size, kind, pairs_s, pairs_s * tokens, r["peak_rss_mb"], pairs_s / trl_pairs,
+                             r["peak_rss_mb"] / results["trl"]["peak_rss_mb"], useful / peak))
+    print(f"\nmatmul peak (2000x256 @ 256x688, fp32): {peak:.1f} GFLOP/s; threads: {results['distalign']['threads']}")
+    print("| size | implementation | pairs/s | unique tokens/s | peak RSS MB | pairs/s vs TRL | RSS vs TRL | useful FLOP/s / peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, kind, pairs_s, tok_s, rss, ratio, rss_ratio, util in rows:
+        print(f"| {size} | {kind} | {pairs_s:.2f} | {tok_s:.0f} | {rss:.0f} | {ratio:.2f}x | {rss_ratio:.2f}x | {util:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

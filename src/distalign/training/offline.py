@@ -1,0 +1,226 @@
+"""The offline training loop: SFT, reward models and every pairwise objective, on accelerate.
+
+    distalign train dpo --config configs/dpo.yaml train.max_steps=100
+    accelerate launch --num_processes 2 -m distalign train dpo --config configs/dpo.yaml
+
+Data order is a per-epoch permutation drawn from (seed, epoch), and each process takes its slice of
+every global batch, so a run is the same whatever the process count (for the same global batch)
+and resumes exactly from (epoch, step).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from distalign.config import OfflineConfig, to_dict
+from distalign.data import load_examples, tokenize_examples
+from distalign.models import load_policy, load_reward_model, load_tokenizer, save_model
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .reference_cache import precompute_reference_logps
+from .tasks import Reference, build_task
+
+
+def load_records(cfg: OfflineConfig, tokenizer, source: str, kind: str, log=print):
+    examples, report = load_examples(source, kind, split=cfg.data.split, skip_invalid=cfg.data.skip_invalid)
+    records, tok_report = tokenize_examples(examples, kind, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                            max_length=cfg.data.max_length, skip_invalid=cfg.data.skip_invalid,
+                                            source_name=source)
+    log(f"{source}: {report.summary()}; {tok_report.summary()}")
+    if not records:
+        raise ValueError(f"{source}: no usable rows after validation")
+    return records
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+class Batches:
+    """Global batches of example indices; process `rank` gets its contiguous share of each micro-batch."""
+
+    def __init__(self, n: int, per_process: int, accumulation: int, world: int, rank: int, seed: int):
+        self.n, self.per_process, self.accumulation = n, per_process, accumulation
+        self.world, self.rank, self.seed = world, rank, seed
+        self.global_batch = per_process * accumulation * world
+        self.steps_per_epoch = n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} training examples are fewer than one global batch of {self.global_batch} "
+                             "(batch_size x gradient_accumulation_steps x processes)")
+
+    def micro_batches(self, epoch: int, step_in_epoch: int) -> list[torch.Tensor]:
+        """Index tensors of this process's micro-batches for optimizer step `step_in_epoch` of `epoch`."""
+        order = epoch_order(self.n, self.seed, epoch)
+        start = step_in_epoch * self.global_batch
+        chunk = order[start:start + self.global_batch].view(self.accumulation, self.world, self.per_process)
+        return [chunk[i, self.rank] for i in range(self.accumulation)]
+
+
+def _reduce_metrics(sums: dict, count: int, accelerator: Accelerator) -> dict:
+    names = sorted(sums)
+    stacked = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=accelerator.device)])
+    total = accelerator.reduce(stacked, reduction="sum")
+    return {k: (total[i] / total[-1]).item() for i, k in enumerate(names)}
+
+
+class OfflineTrainer:
+    def __init__(self, cfg: OfflineConfig, accelerator: Accelerator | None = None, log=print):
+        self.cfg, self.log = cfg, log
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        pad = self.tokenizer.pad_token_id
+        self.task = build_task(cfg.method, pad, dict(cfg.loss), cfg.share_prompt)
+        self.train_records = load_records(cfg, self.tokenizer, cfg.data.train, self.task.data_kind, log)
+        self.eval_records = (load_records(cfg, self.tokenizer, cfg.data.eval, self.task.data_kind, log)
+                             if cfg.data.eval else [])
+        self.model = self._load_model()
+        self.reference = self._load_reference() if self.task.needs_reference else None
+        t = cfg.train
+        self.batches = Batches(len(self.train_records), t.batch_size, t.gradient_accumulation_steps,
+                               self.acc.num_processes, self.acc.process_index, t.seed)
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.batches.steps_per_epoch))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.ref_cache = None
+        if self.reference is not None and cfg.precompute_reference:
+            self.ref_cache = precompute_reference_logps(self, self.train_records)
+
+    def _load_model(self):
+        m = self.cfg.model
+        lora = to_dict(m.lora) if m.lora is not None else None
+        if self.cfg.method == "reward":
+            return load_reward_model(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
+        return load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
+
+    def _load_reference(self) -> Reference:
+        m = self.cfg.model
+        if m.lora is not None and self.cfg.reference is None:
+            return Reference(self.model, None, self.acc.unwrap_model)
+        ref = load_policy(self.cfg.reference or m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        ref.eval().requires_grad_(False)
+        return Reference(self.model, ref.to(self.acc.device), self.acc.unwrap_model)
+
+    def batch(self, indices: torch.Tensor, records) -> dict:
+        batch = self.task.collate([records[i] for i in indices.tolist()])
+        if self.ref_cache is not None and records is self.train_records:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_cache[0][indices], self.ref_cache[1][indices]
+        return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, step: int) -> tuple[dict, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+        Returns per-example metric sums (including the loss) and the gradient norm before clipping.
+        Each micro-batch's mean loss is divided by the number of micro-batches, so accumulation
+        equals one big batch of the same size.
+        """
+        epoch, in_epoch = divmod(step, self.batches.steps_per_epoch)
+        micro = self.batches.micro_batches(epoch, in_epoch)
+        self.model.train()
+        sums, step_loss = {}, torch.zeros((), device=self.acc.device)
+        for i, indices in enumerate(micro):
+            batch = self.batch(indices, self.train_records)
+            sync = self.acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
+            with sync, self.acc.autocast():
+                losses, metrics = self.task.loss(self.model, batch, self.reference)
+                loss = losses.mean() / len(micro)
+                self.acc.backward(loss)
+            step_loss += loss.detach()
+            for k, v in {"loss": losses.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.float().sum()
+        check_finite(step_loss, step + 1)
+        norm = float("nan")
+        if self.cfg.optim.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+            check_finite(torch.as_tensor(norm), step + 1, "gradient norm")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.eval_records:
+            return {}
+        self.model.eval()
+        per = self.cfg.train.batch_size
+        mine = torch.arange(self.acc.process_index, len(self.eval_records), self.acc.num_processes)
+        sums, count = {}, 0
+        for start in range(0, len(mine), per):
+            indices = mine[start:start + per]
+            with self.acc.autocast():
+                losses, metrics = self.task.loss(self.model, self.batch(indices, self.eval_records), self.reference)
+            for k, v in {"loss": losses, **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.float().sum()
+            count += len(indices)
+        return {f"eval/{k}": v for k, v in _reduce_metrics(sums, count, self.acc).items()}
+
+    def save(self, step: int, epoch: int) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            path = save_checkpoint(self.cfg.train.output_dir, step, self.acc.unwrap_model(self.model),
+                                   self.optimizer, self.scheduler, {"step": step, "epoch": epoch},
+                                   keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        out = Path(t.output_dir)
+        start = 0
+        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
+            state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+            start = int(state["step"])
+            self.log(f"resumed from {ckpt} at step {start}")
+        if self.acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        logger = MetricsLogger(out, self.acc.is_main_process, self.total_steps, start, t.progress_bar,
+                               f"{self.cfg.method}")
+        window, window_examples, history = {}, 0, []
+        try:
+            for step in range(start, self.total_steps):
+                sums, grad_norm = self.train_step(step)
+                for k, v in sums.items():
+                    window[k] = window.get(k, 0) + v
+                window_examples += self.batches.per_process * self.batches.accumulation
+                logger.advance()
+                done = step + 1
+                if done % t.log_every == 0 or done == self.total_steps:
+                    metrics = {f"train/{k}": v for k, v in _reduce_metrics(window, window_examples, self.acc).items()}
+                    metrics["train/learning_rate"] = self.scheduler.get_last_lr()[0]
+                    metrics["train/grad_norm"] = float(grad_norm)
+                    logger.log(done, metrics)
+                    history.append({"step": done, **metrics})
+                    window, window_examples = {}, 0
+                if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                    logger.log(done, self.evaluate())
+                if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                    self.save(done, done // self.batches.steps_per_epoch)
+        finally:
+            logger.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            logger_final = MetricsLogger(out, self.acc.is_main_process, progress_bar=False)
+            logger_final.log(self.total_steps, final_eval)
+            logger_final.close()
+        self.save(self.total_steps, self.total_steps // self.batches.steps_per_epoch)
+        if self.acc.is_main_process:
+            save_model(self.acc.unwrap_model(self.model), self.tokenizer, out / "final")
+        return {"output_dir": str(out), "final_model": str(out / "final"), "steps": self.total_steps,
+                "history": history, "eval": final_eval}
+
+
+def train_offline(cfg: OfflineConfig, log=print) -> dict:
+    """Train SFT / reward / pairwise from a validated config; returns paths and the logged history."""
+    return OfflineTrainer(cfg, log=log).train()

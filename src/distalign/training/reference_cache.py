@@ -1,0 +1,55 @@
+"""Reference log-probs computed once per (reference, tokenized data) and cached on disk.
+
+A DPO step spends about a quarter of its FLOPs on the reference forward (PERFORMANCE.md); caching
+removes it from every epoch and every hyperparameter sweep over the same data. The cache key hashes
+the reference's identity and every token id, so changing either recomputes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTALIGN_CACHE", Path.home() / ".cache" / "distalign")) / "reference_logps"
+
+
+def cache_key(reference_name: str, records, share_prompt: bool) -> str:
+    digest = hashlib.sha256(f"{reference_name}|{share_prompt}".encode())
+    for r in records:
+        for ids in (r.prompt_ids, r.chosen_ids, r.rejected_ids):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def precompute_reference_logps(trainer, records) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) reference log-probs of every record, shape (N,), from cache or computed now."""
+    cfg = trainer.cfg
+    name = str(cfg.reference or cfg.model.name_or_path)
+    path = cache_dir() / f"{cache_key(name, records, cfg.share_prompt)}.safetensors"
+    if path.is_file():
+        cached = load_file(str(path))
+        trainer.log(f"reference log-probs: loaded from {path}")
+        return cached["chosen"], cached["rejected"]
+    chosen, rejected = torch.empty(len(records)), torch.empty(len(records))
+    size = cfg.train.batch_size * 2
+    for start in range(0, len(records), size):
+        indices = torch.arange(start, min(start + size, len(records)))
+        batch = trainer.task.collate([records[i] for i in indices.tolist()])
+        batch = {k: v.to(trainer.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with trainer.acc.autocast():
+            c, r = trainer.task.reference_logps(batch, trainer.reference)
+        chosen[indices], rejected[indices] = c.float().cpu(), r.float().cpu()
+    if trainer.acc.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
+        tmp.replace(path)
+    trainer.log(f"reference log-probs: computed for {len(records)} pairs, cached at {path}")
+    return chosen, rejected

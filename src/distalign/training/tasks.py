@@ -1,0 +1,137 @@
+"""What the offline loop trains: a task turns tokenized records into a batch and a batch into
+per-example losses and metrics. SFT and reward modelling are tasks; every pairwise objective of the
+registry is served by `PairwiseTask`, so a new pairwise method never touches this file."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from distalign.models.collate import collate_pairs, collate_sequences
+from distalign.models.logprobs import pair_logps, sequence_logps
+from distalign.objectives import (PairLogps, frac_in_undesirable, get_pairwise_objective, reward_bt_loss,
+                                  sft_loss)
+
+
+class Reference:
+    """Reference log-probs under no_grad: the policy with its LoRA adapter disabled (no second copy),
+    or a separate frozen model."""
+
+    def __init__(self, policy: torch.nn.Module, model: Optional[torch.nn.Module] = None,
+                 unwrap: Callable = lambda m: m):
+        self.policy, self.model, self.unwrap = policy, model, unwrap
+
+    @torch.no_grad()
+    def pair_logps(self, batch: dict, share_prompt: bool):
+        if self.model is not None:
+            return pair_logps(self.model, batch)
+        base = self.unwrap(self.policy)
+        context = base.disable_adapter() if hasattr(base, "disable_adapter") else nullcontext()
+        with context:
+            return pair_logps(self.policy, batch)
+
+
+class SFTTask:
+    """Masked NLL of demonstrations (SPEC §2): mean over response tokens, then over the batch."""
+    data_kind = "demonstrations"
+    needs_reference = False
+
+    def __init__(self, pad_token_id: int, loss_kwargs: dict):
+        if loss_kwargs:
+            raise ValueError(f"loss: method 'sft' takes no hyperparameters, got {sorted(loss_kwargs)}")
+        self.pad_token_id = pad_token_id
+
+    def collate(self, records) -> dict:
+        return collate_sequences([r.prompt_ids for r in records], [r.completion_ids for r in records],
+                                 self.pad_token_id)
+
+    def loss(self, model, batch, reference=None) -> tuple[Tensor, dict]:
+        _, token_logps, lengths = sequence_logps(model, batch)
+        losses = sft_loss(token_logps, batch["response_mask"])
+        return losses, {"nll": losses.detach(), "response_tokens": lengths.detach().float()}
+
+
+class RewardTask:
+    """Bradley-Terry reward model (seed 001 Eq. 9) on [prompt|chosen] and [prompt|rejected] rows."""
+    data_kind = "pairs"
+    needs_reference = False
+
+    def __init__(self, pad_token_id: int, loss_kwargs: dict):
+        allowed = {"margin", "l2"}
+        unknown = sorted(set(loss_kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"loss: unknown key(s) {unknown} for reward_bt_loss; valid: {sorted(allowed)}")
+        self.pad_token_id, self.kwargs = pad_token_id, loss_kwargs
+
+    def collate(self, records) -> dict:
+        prompts = [r.prompt_ids for r in records] * 2
+        responses = [r.chosen_ids for r in records] + [r.rejected_ids for r in records]
+        return collate_sequences(prompts, responses, self.pad_token_id)
+
+    def loss(self, model, batch, reference=None) -> tuple[Tensor, dict]:
+        scores = score_sequences(model, batch)
+        chosen, rejected = scores.chunk(2)
+        losses = reward_bt_loss(chosen, rejected, **self.kwargs)
+        return losses, {"accuracy": (chosen > rejected).float().detach(),
+                        "margin": (chosen - rejected).detach(), "reward_chosen": chosen.detach()}
+
+
+def score_sequences(model, batch: dict) -> Tensor:
+    """Scalar reward per right-padded row: the 1-label head's output at the last real token."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = batch["attention_mask"].sum(-1) - 1
+    return logits[torch.arange(logits.shape[0], device=logits.device), last, 0].float() \
+        if logits.dim() == 3 else logits[:, 0].float()
+
+
+class PairwiseTask:
+    """Any objective in `objectives.PAIRWISE_OBJECTIVES`; chosen and rejected in one forward."""
+    data_kind = "pairs"
+
+    def __init__(self, method: str, pad_token_id: int, loss_kwargs: dict, share_prompt: bool = True):
+        self.objective = get_pairwise_objective(method)
+        self.objective.validate(loss_kwargs)
+        self.needs_reference = self.objective.needs_reference
+        self.pad_token_id, self.kwargs, self.share_prompt = pad_token_id, loss_kwargs, share_prompt
+
+    def collate(self, records) -> dict:
+        return collate_pairs(records, self.pad_token_id, share_prompt=self.share_prompt)
+
+    def reference_logps(self, batch: dict, reference: Reference) -> tuple[Tensor, Tensor]:
+        out = reference.pair_logps(batch, self.share_prompt)
+        return out.chosen_logps, out.rejected_logps
+
+    def loss(self, model, batch, reference: Optional[Reference] = None) -> tuple[Tensor, dict]:
+        out = pair_logps(model, batch)
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            if "ref_chosen_logps" in batch:  # precomputed once for the whole dataset
+                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.reference_logps(batch, reference)
+        logps = PairLogps(out.chosen_logps, out.rejected_logps, out.chosen_lengths.float(),
+                          out.rejected_lengths.float(), ref_chosen, ref_rejected)
+        losses = self.objective(logps, **self.kwargs)
+        return losses, pair_metrics(logps)
+
+
+def pair_metrics(p: PairLogps) -> dict:
+    """Per-example diagnostics logged for every pairwise method (batch means are taken by the loop)."""
+    delta_policy = (p.policy_chosen - p.policy_rejected).detach()
+    metrics = {"accuracy": (delta_policy > 0).float(), "delta_policy": delta_policy,
+               "logps_chosen": p.policy_chosen.detach(), "logps_rejected": p.policy_rejected.detach()}
+    if p.ref_chosen is not None:
+        delta_ref = (p.ref_chosen - p.ref_rejected).detach()
+        metrics["margin"] = delta_policy - delta_ref
+        metrics["frac_in_undesirable"] = frac_in_undesirable(delta_policy, delta_ref).expand_as(delta_policy)
+    return metrics
+
+
+def build_task(method: str, pad_token_id: int, loss_kwargs: dict, share_prompt: bool = True):
+    if method == "sft":
+        return SFTTask(pad_token_id, loss_kwargs)
+    if method == "reward":
+        return RewardTask(pad_token_id, loss_kwargs)
+    return PairwiseTask(method, pad_token_id, loss_kwargs, share_prompt)
