@@ -1,0 +1,222 @@
+"""Loading policies, reward models and tokenizers; LoRA through PEFT; the reference model; saving.
+
+    tok = load_tokenizer("out/tiny-llama")
+    policy = load_policy("out/tiny-llama", dtype="bfloat16", lora={"r": 8, "alpha": 16})
+    with reference_context(policy) as ref:      # same weights, adapter disabled, no grad
+        ref_logps, _, _ = sequence_logps(ref, batch)
+
+Sources are a local folder or a Hub id (SPEC §3). A folder holding only a PEFT adapter
+(`adapter_config.json`, as `save_model` writes by default) is loaded onto its recorded base model.
+`trust_remote_code` is off unless the caller turns it on. Any failure to find the model raises
+`ModelLoadError` with one line: `model 'X': not a local folder and not reachable on the Hugging Face Hub: ...`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
+# Attention + MLP projections; anything else falls back to PEFT's "all-linear" (every Linear but the head).
+DEFAULT_TARGET_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+# Tokenizer classes whose tokenizer.json alone defines the tokenizer; AutoTokenizer would otherwise pick a
+# class by model type (e.g. Qwen2Tokenizer rebuilds the pre-tokenizer and adds `<|endoftext|>`).
+GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+class ModelLoadError(ValueError):
+    """A model, tokenizer or adapter that cannot be found; the message is one line."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_path_like(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else can only be a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_source(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
+    """Return `name_or_path` as a string once its config is known to load, else raise `ModelLoadError`."""
+    name = str(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    unreachable = f"model '{name}': not a local folder and not reachable on the Hugging Face Hub"
+    if _is_path_like(name):
+        raise ModelLoadError(f"{unreachable}: no such folder, and not a valid Hub id")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # hub/network errors are OSError subclasses; bad ids ValueError
+        raise ModelLoadError(f"{unreachable}: {_first_line(err)}") from None
+    return name
+
+
+def _dtype(dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown value {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path, trust_remote_code: bool = False):
+    """The tokenizer of a folder or Hub id. A missing pad token is set to EOS (Llama-style tokenizers)."""
+    source = resolve_source(name_or_path, trust_remote_code)
+    config_file = Path(source) / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in GENERIC_TOKENIZER_CLASSES and (Path(source) / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(lora: dict, model_type: str, task_type: str) -> LoraConfig:
+    """PEFT `LoraConfig` from distalign's keys: r, alpha, dropout, target_modules (None = per-arch default)."""
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ValueError(f"lora: unknown key(s) {unknown}; valid: {sorted(LORA_KEYS)}")
+    settings = {**LORA_KEYS, **lora}
+    targets = settings["target_modules"] or DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+    return LoraConfig(r=int(settings["r"]), lora_alpha=settings["alpha"], lora_dropout=float(settings["dropout"]),
+                      target_modules=targets, task_type=task_type)
+
+
+def _adapter_base(source: str) -> str | None:
+    """The base model recorded in a folder that holds only a PEFT adapter, else None."""
+    folder = Path(source)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"model '{source}': adapter_config.json has no base_model_name_or_path")
+    return base
+
+
+def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device, **extra):
+    source = resolve_source(name_or_path, trust_remote_code)
+    base_source = _adapter_base(source)
+    model = auto_class.from_pretrained(resolve_source(base_source or source, trust_remote_code),
+                                       dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **extra)
+    if base_source is not None:
+        # A saved adapter: trainable again when the caller asks for LoRA (its settings come from the folder).
+        model = PeftModel.from_pretrained(model, source, is_trainable=lora is not None)
+    elif lora is not None:
+        model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
+    return model.to(device) if device is not None else model
+
+
+def load_policy(name_or_path, *, dtype="float32", lora: dict | None = None, trust_remote_code: bool = False,
+                device=None):
+    """An `AutoModelForCausalLM`, optionally wrapped with a fresh LoRA adapter (PEFT)."""
+    return _load(AutoModelForCausalLM, "CAUSAL_LM", name_or_path, dtype, lora, trust_remote_code, device)
+
+
+def load_reward_model(name_or_path, *, dtype="float32", lora: dict | None = None,
+                      trust_remote_code: bool = False, device=None, pad_token_id: int | None = None):
+    """An `AutoModelForSequenceClassification` with one label: the scalar reward R(x, y).
+
+    Starting from a causal-LM checkpoint gives a randomly initialised score head (HF warns). The head
+    reads the last non-pad token, so the config needs a pad id: `pad_token_id`, else the checkpoint's,
+    else its EOS id. With LoRA, PEFT's SEQ_CLS task also trains the score head in full.
+    """
+    model = _load(AutoModelForSequenceClassification, "SEQ_CLS", name_or_path, dtype, lora, trust_remote_code,
+                  device, num_labels=1)
+    config = model.config
+    if pad_token_id is not None or config.pad_token_id is None:
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        config.pad_token_id = pad_token_id if pad_token_id is not None else eos
+    return model
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return isinstance(unwrap_model(model), PeftModel)
+
+
+@contextmanager
+def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run `model` as the reference pi0 under no_grad.
+
+    For a PEFT policy the reference is the same weights with the adapter disabled (no second copy);
+    any other model is taken to be a frozen reference already and is yielded unchanged.
+    """
+    with torch.no_grad():
+        if is_peft_model(model):
+            with unwrap_model(model).disable_adapter():
+                yield model
+        else:
+            yield model
+
+
+class ReferenceModel:
+    """The reference pi0 of a policy: its disabled-adapter self (LoRA) or a separately loaded frozen copy."""
+
+    def __init__(self, policy: torch.nn.Module, frozen: torch.nn.Module | None = None):
+        self.policy, self.frozen = policy, frozen
+
+    @classmethod
+    def for_policy(cls, policy: torch.nn.Module, name_or_path=None, **load_kwargs) -> ReferenceModel:
+        """No copy for a LoRA policy without an explicit reference; otherwise load `name_or_path` frozen."""
+        if is_peft_model(policy) and name_or_path is None:
+            return cls(policy)
+        if name_or_path is None:
+            raise ValueError("reference: a full-weight policy needs the reference's name_or_path")
+        frozen = load_policy(name_or_path, **load_kwargs).eval().requires_grad_(False)
+        return cls(policy, frozen)
+
+    @contextmanager
+    def context(self) -> Iterator[torch.nn.Module]:
+        """Yield the module whose forward gives reference log-probs (no grad inside)."""
+        with reference_context(self.frozen if self.frozen is not None else self.policy) as module:
+            yield module
+
+
+def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = False) -> Path:
+    """Write `model` (safetensors) and `tokenizer` to `out_dir`.
+
+    A PEFT model is saved as its adapter (small; `load_policy` puts it back on the recorded base, and
+    the base stays available as the reference). `merge=True` writes a merged full model instead,
+    from a copy so the live model keeps its adapter.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap_model(model)
+    if isinstance(model, PeftModel) and merge:
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
