@@ -1,7 +1,8 @@
 """The offline training loop: SFT, reward models and every pairwise objective, on accelerate.
 
     distalign train dpo --config configs/dpo.yaml train.max_steps=100
-    accelerate launch --num_processes 2 -m distalign train dpo --config configs/dpo.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m distalign train dpo --config configs/dpo.yaml
+    torchrun --nproc_per_node 2 -m distalign train dpo --config configs/dpo.yaml   # CPU-only machines
 
 Data order is a per-epoch permutation drawn from (seed, epoch), and each process takes its slice of
 every global batch, so a run is the same whatever the process count (for the same global batch)
@@ -25,6 +26,12 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
 from .reference_cache import precompute_reference_logps
 from .tasks import Reference, build_task
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """One Accelerator per run. Without a GPU, cpu=True makes a torchrun/accelerate multi-process launch
+    form a gloo process group (MULTI_CPU) instead of silently running each process alone."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def load_records(cfg: OfflineConfig, tokenizer, source: str, kind: str, log=print):
@@ -73,7 +80,7 @@ def _reduce_metrics(sums: dict, count: int, accelerator: Accelerator) -> dict:
 class OfflineTrainer:
     def __init__(self, cfg: OfflineConfig, accelerator: Accelerator | None = None, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                         trust_remote_code=cfg.model.trust_remote_code)

@@ -1,0 +1,76 @@
+"""The command line as a user runs it: subprocesses, exit codes, one-line errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import offline_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "distalign", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("demo", "train", "make-tiny", "testbed", "eval"):
+        assert command in out.stdout
+
+
+def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
+    tiny = run("make-tiny", "--out", tmp_path / "m", "--arch", "qwen2", "--hidden-size", "32", "--vocab-size", "300")
+    assert tiny.returncode == 0, tiny.stderr
+    assert (tmp_path / "m" / "config.json").is_file()
+    out = run("train", "dpo", "--config", ROOT / "configs" / "dpo.yaml",
+              *offline_overrides(world_dir, "dpo", tmp_path / "run", "train.max_steps=2", "data.eval=null")[1:])
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_every_example_config_validates():
+    from distalign.config import OfflineConfig, load_config
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.stem in ("sft", "reward") or path.stem in __import__("distalign.objectives").objectives.PAIRWISE_OBJECTIVES:
+            cfg = load_config(OfflineConfig, path)
+            assert cfg.method == path.stem
+
+
+def one_line_error(out, *fragments):
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = [line for line in out.stderr.splitlines() if line.startswith("distalign: error:")]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_config_key_is_one_line(world_dir, tmp_path):
+    out = run("train", "dpo", *offline_overrides(world_dir, "dpo", tmp_path / "r")[1:], "optim.lr=1")
+    one_line_error(out, "unknown key 'optim.lr'", "learning_rate")
+
+
+def test_nonexistent_model_path_is_one_line(world_dir, tmp_path):
+    out = run("train", "dpo", *offline_overrides(world_dir, "dpo", tmp_path / "r")[1:],
+              f"model.name_or_path={tmp_path / 'no-such-model'}")
+    one_line_error(out, "no-such-model")
+
+
+def test_missing_data_file_is_one_line(world_dir, tmp_path):
+    out = run("train", "sft", *offline_overrides(world_dir, "sft", tmp_path / "r")[1:],
+              f"data.train={tmp_path / 'missing.jsonl'}")
+    one_line_error(out, "missing.jsonl")
+
+
+def test_bad_data_row_names_file_row_field(world_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": ""}\n')
+    out = run("train", "dpo", *offline_overrides(world_dir, "dpo", tmp_path / "r")[1:], f"data.train={bad}")
+    one_line_error(out, "bad.jsonl", "row 2")
+
+
+def test_unknown_method_lists_valid_ones():
+    out = run("train", "dpoo")
+    assert out.returncode != 0 and "valid:" in out.stderr and "dpo" in out.stderr
