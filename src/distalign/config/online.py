@@ -1,0 +1,97 @@
+"""`OnlineConfig`: PPO, REINFORCE, RLOO, GRPO and reverse KL (SPEC §2 "Online").
+
+One training step = one rollout: `train.batch_size` prompts x `generation.num_samples` completions,
+scored by the reward sources, then `update_epochs` passes of `num_minibatches` optimizer steps each.
+`train.max_steps` counts rollouts (0: `train.epochs` passes over the prompts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schema import DataConfig, ModelConfig, OptimConfig, RunConfig, _f
+
+ONLINE_METHODS = ("ppo", "reinforce", "rloo", "grpo", "reverse_kl")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(64, "stop after this many new tokens (the sample is then 'truncated')")
+    temperature: float = _f(0.7, "sampling temperature; log-probs are scored with the same logits / T")
+    top_k: int = _f(0, "top-k sampling; 0 disables (keep 0 so scored log-probs match the sampler)")
+    top_p: float = _f(1.0, "nucleus sampling; 1.0 disables (keep 1.0 so scored log-probs match the sampler)")
+    num_samples: int = _f(4, "completions per prompt (the group size of RLOO / GRPO / reverse KL baselines)")
+    missing_eos_penalty: float | None = _f(None, "added to the reward of completions without EOS (e.g. -1)")
+    backend: str = _f("hf", "sampler: 'hf' (generate with KV cache) or 'vllm' (needs vllm installed)",
+                      choices=("hf", "vllm"))
+
+    def validate(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens", "must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature", "must be > 0 (sampling is required for policy gradients)")
+        if self.num_samples < 1:
+            raise ValueError("num_samples", "must be >= 1")
+
+
+@dataclass
+class RewardSpec:
+    kind: str = _f("callable", "model | callable | exact_answer | regex",
+                   choices=("model", "callable", "exact_answer", "regex"))
+    path: str = _f("", "reward model folder / Hub id (kind=model) or 'module:function' (kind=callable)")
+    pattern: str = _f("", "regular expression (kind=regex)")
+    weight: float = _f(1.0, "weight of this source in the summed reward")
+    name: str = _f("", "name under which this part is logged (default kind_index)")
+    kwargs: dict = _f(help="extra keyword arguments for the function / reward model source", factory=dict)
+
+
+@dataclass
+class OnlineLossConfig:
+    kl_coef: float = _f(0.05, "beta: KL(pi||pi0) weight (reward shaping for ppo/reinforce/rloo/reverse_kl, "
+                              "k3 term in the loss for grpo); 0 skips the reference model")
+    entropy_coef: float = _f(0.0, "gamma of reverse KL (seed 001 Eq. 16): entropy bonus weight")
+    gamma: float = _f(1.0, "PPO discount")
+    lam: float = _f(0.95, "PPO GAE lambda")
+    whiten_advantages: bool = _f(True, "PPO: whiten advantages over the rollout")
+    scale_rewards: bool = _f(True, "GRPO: divide by the group std (false = Dr. GRPO)")
+    clip_eps: float = _f(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high")
+    clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default clip_eps")
+    vf_coef: float = _f(0.1, "PPO value-loss weight")
+    vf_clip: float = _f(0.2, "PPO value clipping range")
+    length_norm: str | None = _f(None, "per-token loss aggregation: sequence | token | constant "
+                                          "(default: the method's own)")
+
+    def validate(self):
+        if self.length_norm not in (None, "sequence", "token", "constant"):
+            raise ValueError("length_norm", f"must be sequence, token or constant, got {self.length_norm!r}")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("kl_coef", "kl_coef and entropy_coef must be >= 0")
+
+
+@dataclass
+class OnlineConfig:
+    method: str = _f("", "ppo | reinforce | rloo | grpo | reverse_kl", choices=ONLINE_METHODS)
+    model: ModelConfig = _f(help="the policy", factory=ModelConfig)
+    reference: str | None = _f(None, "reference model path/id; default: the policy's initial weights")
+    data: DataConfig = _f(help="prompts (a 'prompt' column; other columns reach reward functions)",
+                          factory=DataConfig)
+    optim: OptimConfig = _f(help="optimiser and schedule", factory=OptimConfig)
+    train: RunConfig = _f(help="loop, batching (batch_size = prompts per rollout), checkpoints",
+                          factory=RunConfig)
+    generation: GenerationConfig = _f(help="sampling", factory=GenerationConfig)
+    rewards: list[RewardSpec] = _f(help="reward sources, summed with their weights", factory=list)
+    loss: OnlineLossConfig = _f(help="objective hyperparameters", factory=OnlineLossConfig)
+    update_epochs: int = _f(1, "passes over each rollout (PPO epochs)")
+    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout")
+    value_init: str = _f("policy", "PPO value head: zero-initialised on the policy, or copied from the "
+                                   "reward model's score head", choices=("policy", "reward_model"))
+    value_model: str | None = _f(None, "reward model to copy the value head from (value_init=reward_model)")
+
+    def validate(self):
+        if not self.method:
+            raise ValueError("method", "required but missing")
+        if not self.rewards:
+            raise ValueError("rewards", "at least one reward source is required")
+        if self.update_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("num_minibatches", "update_epochs and num_minibatches must be >= 1")
+        if self.value_init == "reward_model" and not self.value_model:
+            raise ValueError("value_model", "required when value_init is 'reward_model'")

@@ -1,0 +1,161 @@
+"""Reward sources behind one interface: `source(prompts, completions, rows) -> Tensor (B,)` (float32, CPU).
+
+    reward = WeightedSum([(CallableSource("distalign.rewards.verifiers:exact_answer"), 1.0),
+                          (CallableSource(regex_reward, pattern=r"\\d+$"), 0.1)])
+    scores = reward(["2+3="], ["5"], [{"answer": 5}])
+
+`prompts` are the prompt texts the policy saw, `completions` the decoded responses (no special
+tokens), `rows` the data rows' other columns (one dict per completion).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from . import verifiers
+
+
+class RewardSource(Protocol):
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor: ...
+
+
+def import_callable(spec: str) -> Callable:
+    """'package.module:function' -> the function; errors name the spec."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {spec!r}: expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Row dicts -> column lists; a column missing from some rows is None there."""
+    names = sorted({k for row in rows for k in row})
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+class CallableSource:
+    """A Python function `fn(prompts, completions, **columns) -> list[float]`, given as an object or as
+    'module:function'; `kwargs` are fixed extra keyword arguments (e.g. a regex pattern)."""
+
+    def __init__(self, fn: Callable | str, **kwargs: Any):
+        self.name = fn if isinstance(fn, str) else getattr(fn, "__name__", repr(fn))
+        self.fn = import_callable(fn) if isinstance(fn, str) else fn
+        self.kwargs = kwargs
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
+        values = self.fn(prompts, completions, **{**_columns(rows), **self.kwargs})
+        values = list(values)
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {self.name}: returned {len(values)} values for "
+                             f"{len(completions)} completions")
+        bad = [i for i, v in enumerate(values) if not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"reward function {self.name}: value {bad[0]} is {values[bad[0]]!r}, "
+                             "expected a finite number")
+        return torch.tensor(values, dtype=torch.float32)
+
+
+class RewardModelSource:
+    """An `AutoModelForSequenceClassification` with one label scoring the text prompt + completion.
+
+    The text is re-tokenised with the reward model's tokenizer (it may differ from the policy's),
+    right-padded, in batches of `batch_size`; the score is the head's output at the last real token.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16, max_length: int = 1024):
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"reward model: expected 1 label, found {model.config.num_labels}")
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        if tokenizer.pad_token_id is None:
+            raise ValueError("reward model tokenizer has no pad token; set one so the last real token can be found")
+        self.model.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str, trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                        **kwargs: Any) -> RewardModelSource:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model.to(device), tokenizer, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length, padding_side="right")
+            logits = self.model(input_ids=enc["input_ids"].to(device),
+                                attention_mask=enc["attention_mask"].to(device)).logits
+            scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+class WeightedSum:
+    """sum_k w_k R_k(prompts, completions, rows) over several sources; each part is kept for logging."""
+
+    def __init__(self, parts: Sequence[tuple[RewardSource, float]], names: Sequence[str] | None = None):
+        if not parts:
+            raise ValueError("rewards: at least one reward source is required")
+        self.parts = list(parts)
+        self.names = list(names) if names is not None else [f"reward_{i}" for i in range(len(parts))]
+        self.last_parts: dict[str, Tensor] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
+        total = torch.zeros(len(completions))
+        self.last_parts = {}
+        for name, (source, weight) in zip(self.names, self.parts):
+            value = source(prompts, completions, rows).float().cpu()
+            self.last_parts[name] = value
+            total = total + weight * value
+        return total
+
+
+BUILTIN = {"exact_answer": verifiers.exact_answer, "regex": verifiers.regex_reward}
+
+
+def build_reward(specs: Sequence[Any], device: str | torch.device = "cpu", trust_remote_code: bool = False
+                 ) -> WeightedSum:
+    """Reward sources from config entries with fields kind, path, pattern, weight, kwargs.
+
+    kind: "model" (path = reward model folder / Hub id), "callable" (path = 'module:function'),
+    "exact_answer" or "regex" (the built-in verifiers; regex needs `pattern`).
+    """
+    parts, names = [], []
+    for i, spec in enumerate(specs):
+        kind, extra = spec.kind, dict(getattr(spec, "kwargs", None) or {})
+        where = f"rewards[{i}]"
+        if kind == "model":
+            if not spec.path:
+                raise ValueError(f"{where}.path: required for kind 'model' (a reward model folder or Hub id)")
+            source = RewardModelSource.from_pretrained(spec.path, trust_remote_code, device, **extra)
+        elif kind == "callable":
+            if not spec.path:
+                raise ValueError(f"{where}.path: required for kind 'callable' ('module:function')")
+            source = CallableSource(spec.path, **extra)
+        elif kind in BUILTIN:
+            if kind == "regex":
+                if not spec.pattern:
+                    raise ValueError(f"{where}.pattern: required for kind 'regex'")
+                extra["pattern"] = spec.pattern
+            source = CallableSource(BUILTIN[kind], **extra)
+        else:
+            raise ValueError(f"{where}.kind: unknown reward kind {kind!r}; valid: model, callable, "
+                             f"{', '.join(BUILTIN)}")
+        parts.append((source, float(spec.weight)))
+        names.append(getattr(spec, "name", None) or f"{kind}_{i}")
+    return WeightedSum(parts, names)

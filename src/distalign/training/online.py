@@ -1,0 +1,245 @@
+"""The online loop: generate -> score -> several epochs of minibatch updates (PPO, REINFORCE, RLOO,
+GRPO, reverse KL; SPEC §2 "Online").
+
+    distalign train grpo --config configs/grpo.yaml train.max_steps=50
+    train_online(load_config(OnlineConfig, "configs/grpo.yaml"))
+
+One step = one rollout of `train.batch_size` prompts x `generation.num_samples` completions. After
+sampling, one no-grad forward of the policy gives the sampler's log-probs (and values, entropy) and one
+of the reference gives pi0's; the registry's objective turns them into advantages once, then each of
+`update_epochs` passes makes `num_minibatches` optimizer steps. The method only enters through its
+`OnlineObjective` entry. Prompt order is a permutation drawn from (seed, epoch) and the RNG is saved
+in checkpoints, so a resumed run repeats the uninterrupted one bit for bit on CPU. Single process.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from distalign.config import to_dict
+from distalign.config.online import OnlineConfig
+from distalign.data import load_examples, tokenize_examples
+from distalign.models import ReferenceModel, is_peft_model, load_policy, load_tokenizer, save_model
+from distalign.objectives.online_registry import RolloutTensors, get_online_objective
+from distalign.objectives.policy_gradient import masked_mean
+from distalign.rewards import build_reward
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .rollout import SampledBatch, build_sampler, response_forward
+from .value_head import PolicyWithValueHead, build_value_head
+
+ADVANTAGE_KEYS = ("kl_coef", "entropy_coef", "gamma", "lam", "whiten_advantages", "scale_rewards")
+
+
+def prompt_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def prompt_text(record, tokenizer) -> str:
+    """What reward functions see as the prompt: the string itself, or the rendered chat prompt."""
+    return record.prompt if isinstance(record.prompt, str) else tokenizer.decode(record.prompt_ids)
+
+
+class OnlineTrainer:
+    def __init__(self, cfg: OnlineConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_seed(cfg.train.seed)
+        self.objective = get_online_objective(cfg.method)
+        self.hparams = {k: getattr(cfg.loss, k) for k in ADVANTAGE_KEYS}
+        self.group_size = cfg.generation.num_samples
+        if self.group_size < self.objective.min_group_size:
+            raise ValueError(f"generation.num_samples: {cfg.method} needs at least "
+                             f"{self.objective.min_group_size} samples per prompt, got {self.group_size}")
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.records = self._load_prompts()
+        lora = to_dict(m.lora) if m.lora is not None else None
+        self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
+                                  device=self.device)
+        self.reference = self._reference() if self.objective.needs_reference(self.hparams) else None
+        self.value_head = self._value_head() if self.objective.needs_value_head else None
+        # A LoRA policy without value head is checkpointed as itself (adapter weights only).
+        plain_lora = is_peft_model(self.policy) and self.value_head is None
+        self.module = self.policy if plain_lora else PolicyWithValueHead(self.policy, self.value_head)
+        t = cfg.train
+        self.steps_per_epoch = len(self.records) // t.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{cfg.data.train}: {len(self.records)} prompts are fewer than train.batch_size={t.batch_size}")
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.steps_per_epoch))
+        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
+                                         self.total_steps * cfg.update_epochs * cfg.num_minibatches)
+        self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
+        self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
+
+    def _load_prompts(self):
+        d = self.cfg.data
+        examples, report = load_examples(d.train, "prompts", split=d.split, skip_invalid=d.skip_invalid)
+        records, tok_report = tokenize_examples(examples, "prompts", self.tokenizer,
+                                                max_prompt_length=d.max_prompt_length, max_length=d.max_length,
+                                                skip_invalid=d.skip_invalid, source_name=d.train)
+        self.log(f"{d.train}: {report.summary()}; {tok_report.summary()}")
+        if not records:
+            raise ValueError(f"{d.train}: no usable prompts after validation")
+        return records
+
+    def _reference(self) -> ReferenceModel:
+        m = self.cfg.model
+        name = self.cfg.reference or (None if is_peft_model(self.policy) else m.name_or_path)
+        ref = ReferenceModel.for_policy(self.policy, name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        if ref.frozen is not None:
+            ref.frozen.to(self.device)
+        return ref
+
+    def _value_head(self):
+        if self.cfg.value_init == "reward_model":
+            from distalign.models import load_reward_model
+            rm = load_reward_model(self.cfg.value_model, trust_remote_code=self.cfg.model.trust_remote_code)
+            return build_value_head(self.policy, "reward_model", rm)
+        return build_value_head(self.policy, "policy")
+
+    def step_prompts(self, step: int) -> list:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        bs = self.cfg.train.batch_size
+        order = prompt_order(len(self.records), self.cfg.train.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
+        return [self.records[i] for i in order.tolist()]
+
+    def score(self, records: list, batch: SampledBatch) -> torch.Tensor:
+        """Rewards (B,) of the decoded completions, each prompt repeated `group_size` times."""
+        k = self.group_size
+        lengths = batch.response_mask.sum(-1).long().tolist()
+        completions = self.tokenizer.batch_decode(
+            [ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)], skip_special_tokens=True)
+        prompts = [prompt_text(r, self.tokenizer) for r in records for _ in range(k)]
+        rows = [dict(r.extra) for r in records for _ in range(k)]
+        scores = self.reward(prompts, completions, rows).to(self.device)
+        penalty = self.cfg.generation.missing_eos_penalty
+        if penalty is not None:
+            scores = scores + penalty * batch.truncated.float()
+        return scores
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[SampledBatch, RolloutTensors, dict]:
+        records = self.step_prompts(step)
+        start = time.perf_counter()
+        batch = self.sampler.sample(self.policy, [r.prompt_ids for r in records for _ in range(self.group_size)])
+        generation_time = time.perf_counter() - start
+        scores = self.score(records, batch)
+        temperature = self.cfg.generation.temperature
+        old = response_forward(self.policy, batch, temperature, self.value_head, with_entropy=True)
+        ref_token_logps = None
+        if self.reference is not None:
+            with self.reference.context() as ref_model:
+                ref_token_logps = response_forward(ref_model, batch, temperature).token_logps
+        tensors = RolloutTensors(scores, old.token_logps, batch.response_mask, ref_token_logps, old.values,
+                                 self.group_size)
+        tensors = self.objective.prepare(tensors, self.hparams)
+        return batch, tensors, self.rollout_metrics(batch, tensors, old.entropy, generation_time)
+
+    def rollout_metrics(self, batch: SampledBatch, r: RolloutTensors, entropy, generation_time: float) -> dict:
+        metrics = {"reward_mean": r.scores.mean(), "reward_std": r.scores.std() if len(r.scores) > 1 else r.scores[0] * 0,
+                   "entropy": masked_mean(entropy, r.mask), "response_length": r.mask.sum(-1).mean(),
+                   "truncated_fraction": batch.truncated.float().mean(), "generation_time": generation_time}
+        if r.ref_token_logps is not None:
+            metrics["kl"] = ((r.token_logps - r.ref_token_logps) * r.mask).sum(-1).mean()
+        for name, part in getattr(self.reward, "last_parts", {}).items():
+            metrics[f"reward/{name}"] = part.mean()
+        return metrics
+
+    def update(self, step: int, batch: SampledBatch, rollout: RolloutTensors) -> dict:
+        """`update_epochs` shuffled passes of `num_minibatches` optimizer steps over the rollout."""
+        cfg, sums, updates = self.cfg, {}, 0
+        loss_kwargs = {"clip_eps": cfg.loss.clip_eps, "clip_eps_high": cfg.loss.clip_eps_high,
+                       "length_norm": cfg.loss.length_norm, "max_length": cfg.generation.max_new_tokens,
+                       "kl_coef": cfg.loss.kl_coef, "vf_coef": cfg.loss.vf_coef, "vf_clip": cfg.loss.vf_clip}
+        self.module.train()
+        for _ in range(cfg.update_epochs):
+            order = torch.randperm(len(rollout.scores), device=rollout.scores.device)
+            for minibatch in order.chunk(cfg.num_minibatches):
+                metrics = self.optimizer_step(step, minibatch, batch, rollout, loss_kwargs)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v
+                updates += 1
+        return {k: v / updates for k, v in sums.items()}
+
+    def optimizer_step(self, step: int, rows: torch.Tensor, batch: SampledBatch, rollout: RolloutTensors,
+                       loss_kwargs: dict) -> dict:
+        micro_batches = rows.chunk(self.cfg.train.gradient_accumulation_steps)
+        total, sums = torch.zeros((), device=self.device), {}
+        for micro in micro_batches:
+            sub = batch.select(micro)
+            out = response_forward(self.policy, sub, self.cfg.generation.temperature, self.value_head)
+            losses, metrics = self.objective.loss(out.token_logps, out.values, rollout.select(micro), **loss_kwargs)
+            loss = losses.mean() * (len(micro) / len(rows))
+            loss.backward()
+            total += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v * (len(micro) / len(rows))
+        check_finite(total, step + 1)
+        if self.cfg.optim.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.max_grad_norm)
+            sums["grad_norm"] = norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": total, **sums}
+
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        batch, rollout, metrics = self.rollout(step)
+        metrics.update(self.update(step, batch, rollout))
+        if hasattr(self.sampler, "sync_weights"):
+            self.sampler.sync_weights(self.policy)
+        elapsed = time.perf_counter() - start
+        values = {k: float(v) for k, v in metrics.items()}  # the one host sync of the step
+        n = len(rollout.scores)
+        values.update(completions_per_s=n / elapsed, tokens_per_s=float(rollout.mask.sum()) / elapsed,
+                      generation_share=values.pop("generation_time") / elapsed,
+                      learning_rate=self.scheduler.get_last_lr()[0])
+        return values
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.cfg.train.output_dir, step, self.module, self.optimizer, self.scheduler,
+                               {"step": step}, keep=self.cfg.train.keep_checkpoints)
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        out = Path(t.output_dir)
+        start = 0
+        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
+            start = int(load_checkpoint(ckpt, self.module, self.optimizer, self.scheduler)["step"])
+            self.log(f"resumed from {ckpt} at step {start}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.cfg.method)
+        history = []
+        try:
+            for step in range(start, self.total_steps):
+                metrics = {f"train/{k}": v for k, v in self.train_step(step).items()}
+                done = step + 1
+                logger.log(done, metrics)
+                logger.advance()
+                history.append({"step": done, **metrics})
+                if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                    self.save(done)
+        finally:
+            logger.close()
+        self.save(self.total_steps)
+        final = save_model(self.policy, self.tokenizer, out / "final")
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                      str(final / "value_head.safetensors"))
+        return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
+                "history": history, "metrics": history[-1] if history else {}}
+
+
+def train_online(config: OnlineConfig, log=print) -> dict:
+    """Train an online method from a validated config; returns paths, the per-step history and final metrics."""
+    return OnlineTrainer(config, log=log).train()
