@@ -39,6 +39,12 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
 
 
+@pytest.fixture(scope="module")
+def padded_tokenizer(tokenizer):
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
 def tiny_config(**extra) -> LlamaConfig:
     return LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -150,16 +156,24 @@ def test_kl_of_policy_to_itself_is_zero(policy, tokenizer):
     assert kl_to_reference(logps, logps)["kl"] == 0.0
 
 
-def test_reward_scores_batched_equal_single(tokenizer):
+def test_reward_scores_batched_equal_single(padded_tokenizer):
+    tokenizer = padded_tokenizer
     torch.manual_seed(1)
     reward_model = LlamaForSequenceClassification(tiny_config(num_labels=1)).eval()
     prompts, responses = ["the cat ", "a ", "dog "], ["sat on the mat", "big red dog", "ran"]
     batched = reward_scores(reward_model, tokenizer, prompts, responses, batch_size=3)
     single = [reward_scores(reward_model, tokenizer, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(single, abs=1e-5)
-    ids = tokenizer("a big red dog", return_tensors="pt")["input_ids"]
+    # formatted as the reward trainer formats pairs: prompt ids + response ids + EOS
+    ids = torch.tensor([tokenizer("a")["input_ids"] + tokenizer("big red dog")["input_ids"] + [tokenizer.eos_token_id]])
     with torch.no_grad():
         assert batched[1] == pytest.approx(float(reward_model(input_ids=ids).logits[0, 0]), abs=1e-5)
+
+
+def test_reward_scores_need_a_pad_token(tokenizer):
+    reward_model = LlamaForSequenceClassification(tiny_config(num_labels=1)).eval()
+    with pytest.raises(ValueError, match="no pad token"):
+        reward_scores(reward_model, tokenizer, ["a"], ["b"])
 
 
 # ---- reports ---------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_precomputed_reference_matches_on_the_fly(world_dir, tmp_path, monkeypat
 def test_lora_dpo_uses_adapter_disabled_reference(world_dir, tmp_path):
     t = trainer(world_dir, "dpo", tmp_path / "lora", "train.max_steps=3", "model.lora.r=4",
                 "model.lora.target_modules=all-linear")
-    assert t.reference.model is None  # no second copy of the weights
+    assert t.reference.frozen is None  # no second copy of the weights
     first, _ = t.train_step(0)
     assert first["loss"].item() / 4 == pytest.approx(math.log(2), abs=1e-6)
     trainable = [n for n, p in t.acc.unwrap_model(t.model).named_parameters() if p.requires_grad]

@@ -71,8 +71,9 @@ def cmd_eval(args) -> int:
     tree = read_yaml(args.config)
     for assignment in args.overrides:
         apply_override(tree, assignment)
-    evaluate(tree, source=str(args.config))
-    return 0
+    result = evaluate(tree)
+    print(f"wrote {Path(tree['output_dir']) / 'eval.md'}")
+    return 0 if result is not None else 1
 
 
 def cmd_demo(args) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distalign import models
 from distalign.objectives import kl_estimate
 
 
@@ -84,24 +85,8 @@ def _padding(tokenizer, side: str):
 
 def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
                   batch_size: int = 8) -> list[float]:
-    """R(x, y) = the single logit of an AutoModelForSequenceClassification on the text prompt + response.
-
-    Right padding; HF reads the logit at the last non-pad token, so config.pad_token_id must be set
-    (it is filled from the tokenizer when missing).
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(responses)} responses")
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    with _padding(tokenizer, "right"), eval_mode(model):
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        for start in range(0, len(prompts), batch_size):
-            texts = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-            batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores.extend(logits[:, 0].float().cpu().tolist())
-    return scores
+    """R(x, y) from a 1-label AutoModelForSequenceClassification, tokenised as the reward trainer does."""
+    return models.reward_scores(model, tokenizer, prompts, responses, batch_size).tolist()
 
 
 @dataclass
@@ -155,28 +140,13 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 def response_logps(model, prompts_ids: Sequence[list[int]], responses_ids: Sequence[list[int]],
                    pad_token_id: int, batch_size: int = 8) -> Tensor:
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only, fp32, shape (N,).
-
-    Right-padded [prompt, response] rows; logits at position t predict token t+1, so the response
-    token at position t is scored by the log-softmax at t-1.
-    """
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only, fp32, shape (N,)."""
     device = next(model.parameters()).device
     out: list[Tensor] = []
-    with eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(prompts_ids), batch_size):
-            rows = [list(p) + list(r) for p, r in zip(prompts_ids[start:start + batch_size],
-                                                       responses_ids[start:start + batch_size])]
-            width = max(len(row) for row in rows)
-            input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-            for i, (row, prompt) in enumerate(zip(rows, prompts_ids[start:start + batch_size])):
-                input_ids[i, :len(row)] = torch.tensor(row)
-                attention[i, :len(row)] = 1
-                response_mask[i, len(prompt):len(row)] = True
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()  # (B, T, V)
-            token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-                -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)                          # (B, T-1)
-            out.append((token_logps * response_mask[:, 1:].to(device)).sum(-1).cpu())
+            batch = models.collate_sequences(prompts_ids[start:start + batch_size],
+                                             responses_ids[start:start + batch_size], pad_token_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            out.append(models.sequence_logps(model, batch)[0].cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from distalign.models import load_policy, load_reward_model, load_tokenizer
 
 from .harness import run_lm_eval
 from .judge import JudgeClient, JudgeConfig
@@ -88,11 +88,8 @@ def _policies(config: Mapping) -> dict[str, str]:
 
 
 def _load_causal_lm(path: str, device: str):
-    from transformers import AutoModelForCausalLM
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    """A policy folder (full weights, or a LoRA adapter put back on its recorded base)."""
+    return load_policy(path, dtype="float32").to(device).eval()
 
 
 def _write_samples(path: Path, prompts: list[str], texts: list[str]) -> None:
@@ -165,9 +162,7 @@ def _reward_setup(config: Mapping, ctx: _Context) -> dict | None:
     """Load the reward model into ctx; RM accuracy on held-out pairs when `pairs` is given."""
     from functools import partial
 
-    from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(config["reward_model"], dtype=torch.float32)
-    model = model.to(ctx.device).eval()
+    model = load_reward_model(config["reward_model"], dtype="float32").to(ctx.device).eval()
     ctx.reward_fn = partial(reward_scores, model, ctx.tokenizer, batch_size=ctx.generation["batch_size"])
     if not config.get("pairs"):
         return None
@@ -191,8 +186,6 @@ def _baseline(config: Mapping, ctx: _Context, rows: list[dict]) -> list[str] | N
 
 def evaluate(config: Mapping, prob_a_beats_b: Callable[[str, str, str], float] | None = None) -> dict:
     """Evaluate every policy in `config` (keys in the module docstring); writes eval.json / eval.md."""
-    from transformers import AutoTokenizer
-
     _validate(config)
     policies = _policies(config)
     prompt_field = config.get("prompt_field", "prompt")
@@ -200,8 +193,7 @@ def evaluate(config: Mapping, prob_a_beats_b: Callable[[str, str, str], float] |
     rows = rows[:config["max_prompts"]] if config.get("max_prompts") else rows
     out_dir = Path(config["output_dir"])
     device = config.get("device", "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer") or config.get("reference")
-                                              or next(iter(policies.values())))
+    tokenizer = load_tokenizer(config.get("tokenizer") or config.get("reference") or next(iter(policies.values())))
     ctx = _Context(prompts=[row[prompt_field] for row in rows], tokenizer=tokenizer,
                    generation={**GENERATION_DEFAULTS, **(config.get("generation") or {})},
                    out_dir=out_dir, device=device, mtbench=bool(config.get("mtbench")),

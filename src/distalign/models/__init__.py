@@ -23,11 +23,12 @@ from .logprobs import (
                       supports_shared_prompt,
                       token_logps_from_logits,
 )
+from .scoring import reward_scores, score_sequences
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
     "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model", "pair_logps",
-    "reference_context", "save_model", "sequence_logps", "shared_prompt_mask", "supports_shared_prompt",
+    "reference_context", "reward_scores", "save_model", "score_sequences", "sequence_logps", "shared_prompt_mask", "supports_shared_prompt",
     "token_logps_from_logits", "train_tokenizer", "unshare_pairs", "unwrap_model",
 ]

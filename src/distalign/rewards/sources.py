@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from distalign.models import load_reward_model, load_tokenizer, reward_scores
+
 from . import verifiers
 
 
@@ -70,15 +72,16 @@ class CallableSource:
 class RewardModelSource:
     """An `AutoModelForSequenceClassification` with one label scoring the text prompt + completion.
 
-    The text is re-tokenised with the reward model's tokenizer (it may differ from the policy's),
-    right-padded, in batches of `batch_size`; the score is the head's output at the last real token.
+    The text is re-tokenised with the reward model's tokenizer (it may differ from the policy's)
+    exactly as the reward trainer formats pairs (`distalign.models.reward_scores`), in batches of
+    `batch_size`; the score is the head's output at the last real token.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16, max_length: int = 1024):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16):
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"reward model: expected 1 label, found {model.config.num_labels}")
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size = batch_size
         if tokenizer.pad_token_id is None:
             raise ValueError("reward model tokenizer has no pad token; set one so the last real token can be found")
         self.model.config.pad_token_id = tokenizer.pad_token_id
@@ -86,23 +89,12 @@ class RewardModelSource:
     @classmethod
     def from_pretrained(cls, path: str, trust_remote_code: bool = False, device: str | torch.device = "cpu",
                         **kwargs: Any) -> RewardModelSource:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model = load_reward_model(path, trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id)
         return cls(model.to(device), tokenizer, **kwargs)
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
-        texts = [p + c for p, c in zip(prompts, completions)]
-        device = next(self.model.parameters()).device
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, padding_side="right")
-            logits = self.model(input_ids=enc["input_ids"].to(device),
-                                attention_mask=enc["attention_mask"].to(device)).logits
-            scores.append(logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        return reward_scores(self.model, self.tokenizer, prompts, completions, self.batch_size)
 
 
 class WeightedSum:

@@ -20,12 +20,12 @@ from accelerate import Accelerator
 
 from distalign.config import OfflineConfig, to_dict
 from distalign.data import load_examples, tokenize_examples
-from distalign.models import load_policy, load_reward_model, load_tokenizer, save_model
+from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
 from .reference_cache import precompute_reference_logps
-from .tasks import Reference, build_task
+from .tasks import build_task
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -109,13 +109,13 @@ class OfflineTrainer:
             return load_reward_model(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
         return load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
 
-    def _load_reference(self) -> Reference:
+    def _load_reference(self) -> ReferenceModel:
+        """The LoRA policy with its adapter disabled (no copy), else a frozen copy of the initial weights."""
         m = self.cfg.model
         if m.lora is not None and self.cfg.reference is None:
-            return Reference(self.model, None, self.acc.unwrap_model)
+            return ReferenceModel(self.model)
         ref = load_policy(self.cfg.reference or m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-        ref.eval().requires_grad_(False)
-        return Reference(self.model, ref.to(self.acc.device), self.acc.unwrap_model)
+        return ReferenceModel(self.model, ref.eval().requires_grad_(False).to(self.acc.device))
 
     def batch(self, indices: torch.Tensor, records) -> dict:
         batch = self.task.collate([records[i] for i in indices.tolist()])

@@ -3,34 +3,18 @@ per-example losses and metrics. SFT and reward modelling are tasks; every pairwi
 registry is served by `PairwiseTask`, so a new pairwise method never touches this file."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, Optional
-
-import torch
 from torch import Tensor
 
+from distalign.models import ReferenceModel, score_sequences
 from distalign.models.collate import collate_pairs, collate_sequences
 from distalign.models.logprobs import pair_logps, sequence_logps
-from distalign.objectives import (PairLogps, frac_in_undesirable, get_pairwise_objective, reward_bt_loss,
-                                  sft_loss)
-
-
-class Reference:
-    """Reference log-probs under no_grad: the policy with its LoRA adapter disabled (no second copy),
-    or a separate frozen model."""
-
-    def __init__(self, policy: torch.nn.Module, model: Optional[torch.nn.Module] = None,
-                 unwrap: Callable = lambda m: m):
-        self.policy, self.model, self.unwrap = policy, model, unwrap
-
-    @torch.no_grad()
-    def pair_logps(self, batch: dict, share_prompt: bool):
-        if self.model is not None:
-            return pair_logps(self.model, batch)
-        base = self.unwrap(self.policy)
-        context = base.disable_adapter() if hasattr(base, "disable_adapter") else nullcontext()
-        with context:
-            return pair_logps(self.policy, batch)
+from distalign.objectives import (
+    PairLogps,
+    frac_in_undesirable,
+    get_pairwise_objective,
+    reward_bt_loss,
+    sft_loss,
+)
 
 
 class SFTTask:
@@ -78,14 +62,6 @@ class RewardTask:
                         "margin": (chosen - rejected).detach(), "reward_chosen": chosen.detach()}
 
 
-def score_sequences(model, batch: dict) -> Tensor:
-    """Scalar reward per right-padded row: the 1-label head's output at the last real token."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    last = batch["attention_mask"].sum(-1) - 1
-    return logits[torch.arange(logits.shape[0], device=logits.device), last, 0].float() \
-        if logits.dim() == 3 else logits[:, 0].float()
-
-
 class PairwiseTask:
     """Any objective in `objectives.PAIRWISE_OBJECTIVES`; chosen and rejected in one forward."""
     data_kind = "pairs"
@@ -99,11 +75,12 @@ class PairwiseTask:
     def collate(self, records) -> dict:
         return collate_pairs(records, self.pad_token_id, share_prompt=self.share_prompt)
 
-    def reference_logps(self, batch: dict, reference: Reference) -> tuple[Tensor, Tensor]:
-        out = reference.pair_logps(batch, self.share_prompt)
+    def reference_logps(self, batch: dict, reference: ReferenceModel) -> tuple[Tensor, Tensor]:
+        with reference.context() as module:
+            out = pair_logps(module, batch)
         return out.chosen_logps, out.rejected_logps
 
-    def loss(self, model, batch, reference: Optional[Reference] = None) -> tuple[Tensor, dict]:
+    def loss(self, model, batch, reference: ReferenceModel | None = None) -> tuple[Tensor, dict]:
         out = pair_logps(model, batch)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
