@@ -69,17 +69,18 @@ def test_weighted_sum_and_build_reward():
 
 
 def test_reward_model_source_scores_last_real_token(tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from distalign.models import make_tiny_reward_model
+    from distalign.models import load_tokenizer, make_tiny_reward_model
     path = make_tiny_reward_model(tmp_path / "rm", hidden_size=32, vocab_size=300,
                                   corpus=["a short corpus", "numbers 1 2 3"] * 20)
     source = RewardModelSource.from_pretrained(str(path), batch_size=2)
     prompts, completions = ["Hello ", "A much longer prompt here ", "x"], ["world", "and answer", "y z"]
     scores = source(prompts, completions, [{}] * 3)
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    for i in range(3):  # one unpadded row at a time: the padded batch must give the same scores
-        ids = tok(prompts[i] + completions[i], return_tensors="pt")["input_ids"]
+    tok = load_tokenizer(str(path))
+    for i in range(3):  # one unpadded row at a time, formatted as reward training formats pairs
+        ids = torch.tensor([tok(prompts[i])["input_ids"] + tok(completions[i], add_special_tokens=False)["input_ids"]
+                            + [tok.eos_token_id]])
         with torch.no_grad():
             assert scores[i].item() == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
