@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from distalign.data import tokenize_prompts, tokenize_responses
+from distalign.models import collate_sequences, sequence_logps
 
 from .lm import LMWorld, all_sequences, sequence_count
 
@@ -124,21 +125,10 @@ def hf_policy_logprob_fn(model, tokenizer, batch_size: int = 256,
 
 def _batch_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
                  device) -> Tensor:
-    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    response = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention[i, : len(p) + len(r)] = 1
-        response[i, len(p): len(p) + len(r)] = True
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    logits = logits.float()                                                     # (B, T, V)
-    # position t predicts token t+1, so response token t is scored by logits[t-1]
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    token_logps = log_probs.gather(-1, input_ids[:, 1:].to(device)[..., None]).squeeze(-1).cpu()
-    return torch.where(response[:, 1:], token_logps, torch.zeros(())).sum(1).to(torch.float64)
+    """Summed response log-probs through the library's own scorer (the trainer's code path)."""
+    batch = collate_sequences(prompt_ids, response_ids, pad_id)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return sequence_logps(model, batch)[0].cpu().to(torch.float64)
 
 
 def world_tokenizer(world: LMWorld):
