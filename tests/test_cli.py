@@ -32,10 +32,20 @@ def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
 
 def test_every_example_config_validates():
     from distalign.config import OfflineConfig, load_config
+    from distalign.config.online import ONLINE_METHODS, OnlineConfig
+    from distalign.objectives import PAIRWISE_OBJECTIVES
+    checked = 0
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        if path.stem in ("sft", "reward") or path.stem in __import__("distalign.objectives").objectives.PAIRWISE_OBJECTIVES:
+        if path.stem in ("sft", "reward", *PAIRWISE_OBJECTIVES):
             cfg = load_config(OfflineConfig, path)
-            assert cfg.method == path.stem
+        elif path.stem in ONLINE_METHODS:
+            cfg = load_config(OnlineConfig, path)
+        else:
+            continue
+        assert cfg.method == path.stem
+        assert (ROOT / cfg.data.train).is_file(), f"{path.name}: {cfg.data.train} is not in the repository"
+        checked += 1
+    assert checked >= 15
 
 
 def one_line_error(out, *fragments):

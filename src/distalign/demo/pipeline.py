@@ -68,7 +68,6 @@ def _world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]:
     world = LMWorld.create(seed=settings.seed, n_words=settings.n_words, max_len=settings.max_len,
                            n_prompts=settings.n_prompts)
     data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
     world.save(data / "world.json")
     prompts = [row["prompt"] for row in prompt_rows(world, settings.n_sft, seed=settings.seed)]
     sft_rows = [{"prompt": p, "completion": c}

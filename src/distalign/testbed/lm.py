@@ -267,6 +267,7 @@ class LMWorld:
 
     def save(self, path: str | Path) -> None:
         """JSON; Python's float repr round-trips float64 exactly, so a loaded world is bit-identical."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
 
     @classmethod
