@@ -33,6 +33,7 @@ def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
 def test_every_example_config_validates():
     from distalign.config import OfflineConfig, load_config
     from distalign.config.online import ONLINE_METHODS, OnlineConfig
+    from distalign.config.online_pairwise import NashConfig, ONLINE_PAIRWISE_METHODS, OnlinePairwiseConfig
     from distalign.objectives import PAIRWISE_OBJECTIVES
     checked = 0
     for path in sorted((ROOT / "configs").glob("*.yaml")):
@@ -40,12 +41,18 @@ def test_every_example_config_validates():
             cfg = load_config(OfflineConfig, path)
         elif path.stem in ONLINE_METHODS:
             cfg = load_config(OnlineConfig, path)
+        elif path.stem == "nash_md":
+            cfg = load_config(NashConfig, path)
+        elif path.stem in ONLINE_PAIRWISE_METHODS:
+            cfg = load_config(OnlinePairwiseConfig, path)
         else:
-            continue
+            raise AssertionError(f"{path.name}: no method family")
         assert cfg.method == path.stem
-        assert (ROOT / cfg.data.train).is_file(), f"{path.name}: {cfg.data.train} is not in the repository"
+        for data in (getattr(getattr(cfg, "data", None), "train", ""), getattr(cfg, "pairs", ""),
+                     getattr(cfg, "demonstrations", "")):
+            assert not data or (ROOT / data).is_file(), f"{path.name}: {data} is not in the repository"
         checked += 1
-    assert checked >= 15
+    assert checked >= 23
 
 
 def one_line_error(out, *fragments):

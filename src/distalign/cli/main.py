@@ -2,44 +2,48 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
-OFFLINE_EXTRA = ("sft", "reward")
+def method_families() -> list[tuple[tuple[str, ...], type, Callable]]:
+    """(methods, config schema, trainer) for every family; imported lazily so `--help` stays fast."""
+    from distalign.config import OfflineConfig
+    from distalign.config.online import ONLINE_METHODS, OnlineConfig
+    from distalign.config.online_pairwise import (ITERATIVE_METHODS, LOOP_METHODS, NashConfig,
+                                                  OnlinePairwiseConfig)
+    from distalign.objectives import PAIRWISE_OBJECTIVES
 
+    def lazy(module: str, name: str) -> Callable:
+        return lambda cfg: getattr(importlib.import_module(module), name)(cfg)
 
-def _online_methods() -> tuple[str, ...]:
-    try:
-        from distalign.config.online import ONLINE_METHODS
-        return tuple(ONLINE_METHODS)
-    except ImportError:
-        return ()
+    return [(("sft", "reward", *PAIRWISE_OBJECTIVES), OfflineConfig, lazy("distalign.training.offline", "train_offline")),
+            (ONLINE_METHODS, OnlineConfig, lazy("distalign.training.online", "train_online")),
+            (LOOP_METHODS, OnlinePairwiseConfig, lazy("distalign.training.online_pairwise", "train_online_pairwise")),
+            (ITERATIVE_METHODS, OnlinePairwiseConfig, lazy("distalign.training.iterative", "train_iterative")),
+            (("nash_md",), NashConfig, lazy("distalign.training.nash", "train_nash"))]
 
 
 def cmd_train(args) -> int:
-    from distalign.config import OfflineConfig, field_help, load_config
-    from distalign.objectives import PAIRWISE_OBJECTIVES
-    offline = OFFLINE_EXTRA + tuple(PAIRWISE_OBJECTIVES)
-    online = _online_methods()
-    if args.method not in offline + online:
-        raise SystemExit(f"distalign: error: unknown method {args.method!r}; valid: {', '.join(offline + online)}")
-    if args.method in online:
-        from distalign.config.online import OnlineConfig as schema
+    from distalign.config import field_help, load_config
+    families = method_families()
+    for methods, schema, trainer in families:
+        if args.method in methods:
+            break
     else:
-        schema = OfflineConfig
+        valid = ", ".join(m for methods, _, _ in families for m in methods)
+        raise SystemExit(f"distalign: error: unknown method {args.method!r}; valid: {valid}")
     if args.list_fields:
         for name, help_text, default in field_help(schema):
             print(f"{name:38s} {help_text} [default: {default}]")
         return 0
     cfg = load_config(schema, args.config, [*args.overrides, f"method={args.method}"])
-    if args.method in online:
-        from distalign.training.online import train_online
-        result = train_online(cfg)
-    else:
-        from distalign.training.offline import train_offline
-        result = train_offline(cfg)
-    print(f"done: {result.get('final_model', result.get('output_dir'))}")
+    result = trainer(cfg)
+    where = result.get("final_model") or result.get("output_dir") or getattr(cfg, "output_dir", None) \
+        or cfg.train.output_dir
+    print(f"done: {where}")
     return 0
 
 

@@ -1,0 +1,128 @@
+"""Configs of the pairwise online methods (two samples per prompt), the iterative demonstration methods
+and Nash learning (SPEC §2 "Online").
+
+    cfg = load_config(OnlinePairwiseConfig, "configs/rebel.yaml", ["train.max_steps=50"])
+    train_online_pairwise(cfg)          # online_dpo, online_distill, rebel, pmle_online
+    train_iterative(cfg)                # spin, spac, rpo_demos
+    train_nash(load_config(NashConfig, "configs/nash_md.yaml"))
+
+One step of the online methods = `train.batch_size` prompts x `generation.num_samples` fresh samples
+(pmle_online: a batch of dataset pairs plus fresh samples at their prompts for the KL term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .online import GenerationConfig, RewardSpec
+from .schema import DataConfig, ModelConfig, OptimConfig, RunConfig, _f
+
+ONLINE_PAIRWISE_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac", "nash_md",
+                           "rpo_demos")
+LOOP_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online")
+ITERATIVE_METHODS = ("spin", "spac", "rpo_demos")
+NEEDS_PAIRS = ("pmle_online", "spac", "rpo_demos")
+NEEDS_DEMOS = ("spin", "spac", "rpo_demos")
+NEEDS_SCORES = ("online_dpo", "online_distill", "rebel")
+
+
+@dataclass
+class PromptDataConfig(DataConfig):
+    """`DataConfig` whose `train` (the prompts file) may be empty: pmle_online and the iterative methods
+    sample at the prompts of their pairs / demonstrations; the length limits apply to every file."""
+
+    def validate(self):
+        if self.max_prompt_length <= 0 or self.max_length <= self.max_prompt_length:
+            raise ValueError("max_length", "must exceed max_prompt_length, which must be > 0")
+
+
+@dataclass
+class PairwiseLossConfig:
+    beta: float = _f(0.1, "DPO / SPIN / SPAC / RPO inverse temperature on the log-ratio margin")
+    gamma: float = _f(1.0, "PMLE / distillation preference sharpness (seed 001 Eq. 3)")
+    eta: float = _f(1.0, "REBEL: regress the log-ratio gap onto eta * (R(a) - R(b)) (seed 001 Eq. 10)")
+    kl_coef: float = _f(0.05, "beta of KL(pi||pi0): score-function term (online_distill, pmle_online), "
+                              "folded into the reward (rebel); 0 skips the reference")
+    alpha: float = _f(1.0, "weight of the preference-pair term (spac, rpo_demos)")
+
+    def validate(self):
+        for name in ("beta", "gamma", "eta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(name, "must be > 0")
+        for name in ("kl_coef", "alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(name, "must be >= 0")
+
+
+@dataclass
+class IterationConfig:
+    iterations: int = _f(2, "outer iterations: sample from the current policy, build pairs, update")
+    steps_per_iteration: int = _f(20, "policy optimizer steps per iteration (spin, spac, rpo_demos)")
+
+    def validate(self):
+        if self.iterations < 1 or self.steps_per_iteration < 1:
+            raise ValueError("iterations", "iterations and steps_per_iteration must be >= 1")
+
+
+@dataclass
+class OnlinePairwiseConfig:
+    method: str = _f("", " | ".join(m for m in ONLINE_PAIRWISE_METHODS if m != "nash_md"),
+                     choices=tuple(m for m in ONLINE_PAIRWISE_METHODS if m != "nash_md"))
+    model: ModelConfig = _f(help="the policy", factory=ModelConfig)
+    reference: str | None = _f(None, "reference model path/id; default: the policy's initial weights")
+    data: PromptDataConfig = _f(help="prompts for fresh samples (online_dpo, online_distill, rebel) and the "
+                                     "length limits of every file", factory=PromptDataConfig)
+    pairs: str | None = _f(None, "preference pairs file (pmle_online, spac, rpo_demos)")
+    demonstrations: str | None = _f(None, "demonstrations file (spin, spac, rpo_demos)")
+    optim: OptimConfig = _f(help="optimiser and schedule", factory=OptimConfig)
+    train: RunConfig = _f(help="loop, batching (batch_size = prompts or pairs per step), checkpoints",
+                          factory=RunConfig)
+    generation: GenerationConfig = _f(help="sampling; log-probs are taken at this temperature (use 1.0 for "
+                                           "the unbiased KL of pmle_online / online_distill)",
+                                      factory=lambda: GenerationConfig(num_samples=2))
+    rewards: list[RewardSpec] = _f(help="reward sources scoring fresh samples (labels of online_dpo, soft "
+                                        "labels of online_distill, regression target of rebel)", factory=list)
+    judge: str | None = _f(None, "online_dpo: 'module:function' fn(prompts, a, b) -> list of P(a > b); "
+                                 "used instead of the rewards")
+    loss: PairwiseLossConfig = _f(help="objective hyperparameters", factory=PairwiseLossConfig)
+    update_epochs: int = _f(1, "passes over each rollout (REBEL's several epochs per batch)")
+    iteration: IterationConfig = _f(help="outer loop of the iterative methods", factory=IterationConfig)
+
+    def validate(self):
+        if not self.method:
+            raise ValueError("method", "required but missing")
+        if self.method in NEEDS_PAIRS and not self.pairs:
+            raise ValueError("pairs", f"method {self.method} needs a preference pairs file")
+        if self.method in NEEDS_DEMOS and not self.demonstrations:
+            raise ValueError("demonstrations", f"method {self.method} needs a demonstrations file")
+        if self.method in NEEDS_SCORES and not self.rewards and not (self.method == "online_dpo" and self.judge):
+            raise ValueError("rewards", f"method {self.method} needs at least one reward source (or a judge)")
+        if self.method in NEEDS_SCORES and not self.data.train:
+            raise ValueError("data", "train: method needs a prompts file")
+        k = self.generation.num_samples
+        if self.method in LOOP_METHODS and (k < 2 or (k % 2 and self.method != "pmle_online")):
+            raise ValueError("generation", f"num_samples: {self.method} pairs consecutive samples of a prompt, "
+                                           f"so it needs an even number >= 2, got {k}")
+        if self.update_epochs < 1:
+            raise ValueError("update_epochs", "must be >= 1")
+
+
+@dataclass
+class NashConfig:
+    """Nash mirror descent on the tabular testbed with non-transitive annotators."""
+    method: str = _f("nash_md", "nash_md", choices=("nash_md",))
+    n_contexts: int = _f(2, "contexts of the tabular problem")
+    n_responses: int = _f(4, "responses per context (>= 3 for the Condorcet cycle)")
+    switch: str = _f("condorcet", "preference model of `distalign.testbed.misspecification`")
+    strength: float = _f(8.0, "switch strength (Condorcet score scale)")
+    eta: float = _f(0.5, "mirror-descent step size")
+    tau: float = _f(0.02, "KL regularisation toward the reference")
+    steps: int = _f(2000, "Nash-MD iterations")
+    bt_beta: float = _f(0.02, "KL coefficient of the Bradley-Terry + RLHF baseline")
+    seed: int = _f(0, "problem seed")
+    output_dir: str = _f("runs/nash_md", "results.json and table.md go here")
+
+    def validate(self):
+        if self.n_responses < 3:
+            raise ValueError("n_responses", "must be >= 3")
+        if self.eta <= 0 or self.tau < 0 or self.eta * self.tau > 1:
+            raise ValueError("eta", "need eta > 0, tau >= 0 and eta * tau <= 1")

@@ -1,0 +1,240 @@
+"""Online pairwise loop: sample two (or more) responses per prompt from the current policy, label or
+score them, update with a pairwise objective (SPEC §2 "Online"; seed 001 Eq. 5, 10, Algorithm 1).
+
+    distalign train rebel --config configs/rebel.yaml train.max_steps=50
+    train_online_pairwise(load_config(OnlinePairwiseConfig, "configs/online_distill.yaml"))
+
+Methods (consecutive samples 2i, 2i+1 of a prompt form the pair (a, b)):
+- online_dpo: a > b by the reward sources (ties dropped) or a judge's P(a > b) >= 1/2; `dpo_loss` with pi0.
+- online_distill (seed 001 Algorithm 1): BCE of sigma(gamma (log pi(a) - log pi(b))) toward the soft label
+  sigma(R(a) - R(b)), plus kl_coef * KL(pi||pi0) by the score-function estimator on the same fresh samples.
+- rebel (seed 001 Eq. 10): squared regression onto eta (R'(a) - R'(b)) with R' = R - kl_coef log pi_t/pi0
+  (the KL penalty folded into the reward), pi_t = the generating policy, `update_epochs` passes.
+- pmle_online (seed 001 Eq. 5): `pmle_loss` on a batch of DATASET pairs plus kl_coef * KL(pi||pi0) on
+  `num_samples` fresh samples at each pair's prompt, again by the score-function estimator (the gradient
+  of a sampled k1 value is wrong; see `objectives.score_function_kl`).
+Log-probs of samples are taken at the sampling temperature, so they are the sampler's own. Prompt order
+and RNG are checkpointed, so a resumed run repeats the uninterrupted one on CPU. Single process.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from distalign.config import to_dict
+from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.data import load_examples, tokenize_examples
+from distalign.models import (ReferenceModel, collate_pairs, is_peft_model, load_policy, load_tokenizer,
+                              pair_logps, save_model)
+from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss, score_function_kl
+from distalign.objectives.online_pairwise import orient_pairs, rebel_loss
+from distalign.rewards import build_reward, import_callable
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .online import prompt_order, prompt_text
+from .rollout import SampledBatch, build_sampler, response_forward
+
+
+class PolicySession:
+    """What every loop here holds: tokenizer, policy, reference, optimizer, sampler and the data files."""
+
+    def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_seed(cfg.train.seed)
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.pad = self.tokenizer.pad_token_id
+        lora = to_dict(m.lora) if m.lora is not None else None
+        self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
+                                  device=self.device)
+        self.reference = self._reference() if needs_reference else None
+        self.optimizer = build_optimizer(self.policy, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
+        self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
+
+    def _reference(self) -> ReferenceModel:
+        m = self.cfg.model
+        name = self.cfg.reference or (None if is_peft_model(self.policy) else m.name_or_path)
+        ref = ReferenceModel.for_policy(self.policy, name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        if ref.frozen is not None:
+            ref.frozen.to(self.device)
+        return ref
+
+    def load(self, path: str, kind: str) -> list:
+        d = self.cfg.data
+        examples, report = load_examples(path, kind, split=d.split, skip_invalid=d.skip_invalid)
+        records, tok_report = tokenize_examples(examples, kind, self.tokenizer, max_prompt_length=d.max_prompt_length,
+                                                max_length=d.max_length, skip_invalid=d.skip_invalid, source_name=path)
+        self.log(f"{path}: {report.summary()}; {tok_report.summary()}")
+        if not records:
+            raise ValueError(f"{path}: no usable {kind} after validation")
+        return records
+
+    def batch_of(self, records: list, step: int) -> list:
+        """The step-th batch of a fixed-seed permutation per epoch (as Online engine I's loop)."""
+        bs = self.cfg.train.batch_size
+        per_epoch = len(records) // bs
+        if per_epoch == 0:
+            raise ValueError(f"train.batch_size={bs} exceeds the {len(records)} records of a data file")
+        epoch, in_epoch = divmod(step, per_epoch)
+        order = prompt_order(len(records), self.cfg.train.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
+        return [records[i] for i in order.tolist()]
+
+    def sample(self, prompt_ids: list, k: int) -> SampledBatch:
+        return self.sampler.sample(self.policy, [p for p in prompt_ids for _ in range(k)])
+
+    def completions(self, batch: SampledBatch) -> list[str]:
+        lengths = batch.response_mask.sum(-1).long().tolist()
+        return self.tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)],
+                                           skip_special_tokens=True)
+
+    def logps(self, batch: SampledBatch, model=None):
+        """Summed response log-probs (B,) at the sampling temperature; no grad unless model is None."""
+        if model is not None:
+            with torch.no_grad():
+                return response_forward(model, batch, self.cfg.generation.temperature).token_logps.sum(-1)
+        return response_forward(self.policy, batch, self.cfg.generation.temperature).token_logps.sum(-1)
+
+    @torch.no_grad()
+    def ref_logps(self, batch: SampledBatch):
+        with self.reference.context() as ref_model:
+            return self.logps(batch, ref_model)
+
+    def optimizer_step(self, loss: torch.Tensor, step: int) -> dict:
+        check_finite(loss.detach(), step + 1)
+        loss.backward()
+        metrics = {"loss": loss.detach()}
+        if self.cfg.optim.max_grad_norm > 0:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                                  self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+
+class OnlinePairwiseTrainer(PolicySession):
+    def __init__(self, cfg: OnlinePairwiseConfig, log=print):
+        self.method, self.k = cfg.method, cfg.generation.num_samples
+        needs_reference = cfg.method == "online_dpo" or cfg.loss.kl_coef > 0
+        super().__init__(cfg, 1, needs_reference, log)
+        kind, path = ("pairs", cfg.pairs) if cfg.method == "pmle_online" else ("prompts", cfg.data.train)
+        self.records = self.load(path, kind)
+        t = cfg.train
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // t.batch_size)))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.update_epochs)
+        self.reward = build_reward(cfg.rewards, self.device, cfg.model.trust_remote_code) if cfg.rewards else None
+        self.judge = import_callable(cfg.judge) if cfg.judge else None
+
+    def score(self, records: list, batch: SampledBatch) -> tuple[torch.Tensor, list[str], list[str]]:
+        prompts = [prompt_text(r, self.tokenizer) for r in records for _ in range(self.k)]
+        texts = self.completions(batch)
+        rows = [dict(getattr(r, "extra", {}) or {}) for r in records for _ in range(self.k)]
+        scores = self.reward(prompts, texts, rows).to(self.device) if self.reward is not None else None
+        return scores, prompts, texts
+
+    def labels(self, scores, prompts, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """online_dpo: (a_wins, keep) per pair; reward ties carry no label and are dropped."""
+        if self.judge is not None:
+            p = torch.tensor(list(self.judge(prompts[0::2], texts[0::2], texts[1::2])), dtype=torch.float32)
+            return (p >= 0.5).to(self.device), torch.ones_like(p, dtype=torch.bool, device=self.device)
+        return scores[0::2] > scores[1::2], scores[0::2] != scores[1::2]
+
+    def train_step(self, step: int) -> dict:
+        if self.method == "pmle_online":
+            return self.pmle_step(step)
+        records = self.batch_of(self.records, step)
+        batch = self.sample([r.prompt_ids for r in records], self.k)
+        scores, prompts, texts = self.score(records, batch)
+        old = self.logps(batch, self.policy)
+        ref = self.ref_logps(batch) if self.reference is not None else None
+        metrics = {"response_length": batch.response_mask.sum(-1).float().mean()}
+        if ref is not None:
+            metrics["kl"] = kl_estimate(old, ref).mean()
+        if scores is not None:
+            metrics["reward_mean"] = scores.mean()
+        if self.method == "rebel" and ref is not None:
+            scores = scores - self.cfg.loss.kl_coef * (old - ref)
+        for _ in range(self.cfg.update_epochs):
+            logps = self.logps(batch)
+            loss, extra = self.pair_loss(logps, old, ref, scores, prompts, texts)
+            metrics.update(extra)
+            metrics.update(self.optimizer_step(loss, step))
+        return metrics
+
+    def pair_loss(self, logps, old, ref, scores, prompts, texts) -> tuple[torch.Tensor, dict]:
+        a, b = logps[0::2], logps[1::2]
+        hp = self.cfg.loss
+        if self.method == "online_dpo":
+            a_wins, keep = self.labels(scores, prompts, texts)
+            chosen, rejected = orient_pairs(a, b, a_wins)
+            ref_chosen, ref_rejected = orient_pairs(ref[0::2], ref[1::2], a_wins)
+            losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, hp.beta)
+            loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+            return loss, {"labelled_fraction": keep.float().mean(), "preference_loss": loss.detach()}
+        if self.method == "rebel":
+            loss = rebel_loss(a, b, old[0::2], old[1::2], scores[0::2], scores[1::2], hp.eta).mean()
+            return loss, {"preference_loss": loss.detach()}
+        preference = distill_loss(a, b, scores[0::2], scores[1::2], hp.gamma).mean()
+        return preference + self.kl_term(logps, ref), {"preference_loss": preference.detach()}
+
+    def kl_term(self, logps, ref) -> torch.Tensor:
+        """kl_coef * grad-estimator of KL(pi||pi0): `score_function_kl` with a leave-one-out baseline."""
+        if ref is None:
+            return logps.sum() * 0
+        return self.cfg.loss.kl_coef * score_function_kl(logps, ref, self.k).mean()
+
+    def pmle_step(self, step: int) -> dict:
+        records = self.batch_of(self.records, step)
+        out = pair_logps(self.policy, {k: v.to(self.device) if torch.is_tensor(v) else v
+                                       for k, v in collate_pairs(records, self.pad).items()})
+        preference = pmle_loss(out.chosen_logps, out.rejected_logps, self.cfg.loss.gamma).mean()
+        metrics = {"preference_loss": preference.detach(),
+                   "accuracy": (out.chosen_logps > out.rejected_logps).float().mean()}
+        loss = preference
+        if self.reference is not None:
+            batch = self.sample([r.prompt_ids for r in records], self.k)
+            logps, ref = self.logps(batch), self.ref_logps(batch)
+            loss = loss + self.kl_term(logps, ref)
+            metrics["kl"] = kl_estimate(logps.detach(), ref).mean()
+        metrics.update(self.optimizer_step(loss, step))
+        return metrics
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        out = Path(t.output_dir)
+        start = 0
+        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
+            start = int(load_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler)["step"])
+            self.log(f"resumed from {ckpt} at step {start}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.method)
+        history = []
+        try:
+            for step in range(start, self.total_steps):
+                self.policy.train()
+                metrics = {f"train/{k}": float(v) for k, v in self.train_step(step).items()}
+                logger.log(step + 1, metrics)
+                logger.advance()
+                history.append({"step": step + 1, **metrics})
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < self.total_steps:
+                    save_checkpoint(out, step + 1, self.policy, self.optimizer, self.scheduler, {"step": step + 1},
+                                    keep=t.keep_checkpoints)
+        finally:
+            logger.close()
+        save_checkpoint(out, self.total_steps, self.policy, self.optimizer, self.scheduler,
+                        {"step": self.total_steps}, keep=t.keep_checkpoints)
+        final = save_model(self.policy, self.tokenizer, out / "final")
+        return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
+                "history": history, "metrics": history[-1] if history else {}}
+
+
+def train_online_pairwise(config: OnlinePairwiseConfig, log=print) -> dict:
+    """online_dpo, online_distill, rebel or pmle_online from a validated config; paths, history, metrics."""
+    return OnlinePairwiseTrainer(config, log=log).train()

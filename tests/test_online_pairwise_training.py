@@ -1,0 +1,182 @@
+"""Online pairwise and iterative methods on the synthetic-language testbed: a tiny Llama, warm-started on
+pi0 samples, trained with the library's loops; oracle reward, win-rate or exact KL(pi*||pi) must improve."""
+import json
+
+import pytest
+import torch
+
+from distalign.config import ConfigError, load_config
+from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.models import collate_sequences, load_policy, make_tiny, sequence_logps
+from distalign.objectives import sft_loss
+from distalign.testbed.lm import LMWorld
+from distalign.testbed.lm_data import demonstrations, preference_pairs, prompt_rows, write_jsonl
+from distalign.testbed.lm_policy import hf_policy_logprob_fn, kl_target_to_policy, world_tokenizer
+from distalign.training.online_pairwise import train_online_pairwise
+
+ORACLE_MODULE = '''
+from functools import lru_cache
+from distalign.testbed.lm import LMWorld
+from distalign.testbed.lm_data import oracle_reward
+
+@lru_cache(maxsize=None)
+def _world(path):
+    return LMWorld.load(path)
+
+def oracle(prompts, completions, world_path, kind="token", **_):
+    """The testbed's exact oracle reward of the world saved at world_path (invalid text: far below any
+    valid log pi*, a moderate penalty on the token-reward scale)."""
+    invalid = -30.0 if kind == "logprob" else -5.0
+    return oracle_reward(_world(world_path), prompts, completions, kind, invalid_reward=invalid)
+'''
+
+
+def warm_start(model_dir, world, tokenizer, steps=100, seed=0):
+    """SFT on pi0 samples so the policy starts near the reference (and writes valid responses)."""
+    model = load_policy(model_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows = demonstrations(world, 64, seed=1000 + step)
+        texts = world.sample_text([r["prompt"] for r in rows], seed=step, model="reference")
+        prompts = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+        responses = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+        batch = collate_sequences(prompts, responses, tokenizer.pad_token_id)
+        _, token_logps, _ = sequence_logps(model, batch)
+        loss = sft_loss(token_logps, batch["response_mask"]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    # one thread: these models are tiny, and two threads on two busy cores are several times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("lm_pairwise")
+    world = LMWorld.create(seed=3, n_words=4, max_len=3, n_prompts=4, reward_scale=1.5)
+    world.save(root / "world.json")
+    tokenizer = world_tokenizer(world)
+    tokenizer.save_pretrained(str(root / "tok"))
+    model_dir = make_tiny(root / "policy", hidden_size=32, num_layers=2, vocab_size=len(tokenizer),
+                          tokenizer_dir=root / "tok", max_position_embeddings=32)
+    warm_start(model_dir, world, tokenizer)
+    (root / "oracle_rewards.py").write_text(ORACLE_MODULE)
+    write_jsonl(root / "prompts.jsonl", prompt_rows(world, 64, seed=1))
+    write_jsonl(root / "pairs.jsonl", preference_pairs(world, 4000, seed=2))
+    write_jsonl(root / "demos.jsonl", demonstrations(world, 512, seed=3))
+    yield root, world, tokenizer, model_dir
+    torch.set_num_threads(threads)
+
+
+def config(lm, method, out, *overrides, kind="token"):
+    root, _, _, model_dir = lm
+    reward = (f"rewards=[{{kind: callable, path: 'oracle_rewards:oracle', "
+              f"kwargs: {{world_path: '{root / 'world.json'}', kind: {kind}}}}}]")
+    return load_config(OnlinePairwiseConfig, None, [
+        f"method={method}", f"model.name_or_path={model_dir}", f"data.train={root / 'prompts.jsonl'}",
+        f"pairs={root / 'pairs.jsonl'}", f"demonstrations={root / 'demos.jsonl'}", reward,
+        "optim.learning_rate=3e-3", "optim.schedule=constant", "train.batch_size=16", "train.max_steps=20",
+        "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=2",
+        f"train.output_dir={out}", "train.progress_bar=false", *overrides])
+
+
+def exact_kl(lm, model_path):
+    _, world, tokenizer, _ = lm
+    return kl_target_to_policy(world, hf_policy_logprob_fn(load_policy(model_path), tokenizer)).value
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+# Margins: per-step reward means over 32 samples have std ~0.25 (oracle token reward std ~1.4 per sample),
+# so a 5-step mean has SE ~0.11 and a first-vs-last difference SE ~0.16; 0.5 is > 3 SE.
+@pytest.mark.parametrize("method, overrides", [
+    ("online_dpo", ("loss.beta=1.0", "train.max_steps=30")),
+    ("rebel", ("loss.eta=1.0", "update_epochs=2", "loss.kl_coef=0.0")),
+])
+def test_reward_driven_methods_raise_oracle_reward(lm, monkeypatch, tmp_path, method, overrides):
+    monkeypatch.syspath_prepend(str(lm[0]))
+    history = train_online_pairwise(config(lm, method, tmp_path / method, *overrides), log=lambda *_: None)["history"]
+    rewards = [h["train/reward_mean"] for h in history]
+    assert mean(rewards[-5:]) > mean(rewards[:5]) + 0.5, (method, rewards)
+
+
+# Exact KL(pi*||pi) by enumeration (1.25 at the warm start); observed after training: distill 1.02,
+# pmle 0.92. Distillation is the seed-sensitive one (train.seed=1 gives 1.19 at these settings). Both methods target pi* itself:
+# distillation with R = log pi* and gamma = 1 (seed 001 Thm. 6), PMLE with pairs labelled by pi*.
+@pytest.mark.parametrize("method, overrides, kind", [
+    ("online_distill", ("loss.kl_coef=0.1", "optim.learning_rate=1e-3", "train.max_steps=40"), "logprob"),
+    ("pmle_online", ("loss.kl_coef=0.1", "train.max_steps=40", "train.batch_size=64"), "token"),
+])
+def test_distribution_learning_methods_reduce_kl_to_target(lm, monkeypatch, tmp_path, method, overrides, kind):
+    monkeypatch.syspath_prepend(str(lm[0]))
+    before = exact_kl(lm, lm[3])
+    result = train_online_pairwise(config(lm, method, tmp_path / method, *overrides, kind=kind), log=lambda *_: None)
+    after = exact_kl(lm, result["final_model"])
+    assert after < before - 0.1, (method, before, after)
+
+
+def test_pmle_online_logs_kl_and_resumes_bitwise(lm, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "train.save_every=2", "loss.kl_coef=0.1", "train.batch_size=8")
+    full = train_online_pairwise(config(lm, "pmle_online", out, *args), log=lambda *_: None)["history"]
+    weights = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    import shutil
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = train_online_pairwise(config(lm, "pmle_online", out, *args, "train.resume=true"),
+                                    log=lambda *_: None)["history"]
+    again = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert full[2:] == resumed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/kl" in line and "train/preference_loss" in line for line in lines)
+
+
+def test_config_errors_name_the_field(lm, tmp_path):
+    with pytest.raises(ConfigError, match="pairs"):
+        load_config(OnlinePairwiseConfig, None, ["method=pmle_online", "model.name_or_path=x"])
+    with pytest.raises(ConfigError, match="num_samples"):
+        config(lm, "rebel", tmp_path, "generation.num_samples=3")
+
+
+def test_rpo_demos_reduces_kl_to_target(lm, tmp_path):
+    """Demonstrations are pi* samples: RPO's NLL term moves the warm start (KL 1.25) toward pi*."""
+    from distalign.training.iterative import train_iterative
+    before = exact_kl(lm, lm[3])
+    cfg = config(lm, "rpo_demos", tmp_path, "loss.beta=0.5", "iteration.iterations=1",
+                 "iteration.steps_per_iteration=30")
+    result = train_iterative(cfg, log=lambda *_: None)
+    after = exact_kl(lm, result["final_model"])
+    assert len(result["history"]) == 30 and after < before - 0.1, (before, after)
+
+
+@pytest.mark.parametrize("method", ["spin", "spac"])
+def test_spin_and_spac_start_each_iteration_at_log_two(lm, tmp_path, method):
+    """SPIN's reference is the previous iterate, so the first loss of every iteration is exactly log 2;
+    SPAC's demo term starts at log 2 too (policy == pi0), plus alpha * log 2 for the pairs."""
+    import math
+    from distalign.training.iterative import train_iterative
+    cfg = config(lm, method, tmp_path, "loss.beta=0.1", "optim.learning_rate=1e-3", "iteration.iterations=2",
+                 "iteration.steps_per_iteration=5", "loss.alpha=0.5")
+    losses = [h["train/loss"] for h in train_iterative(cfg, log=lambda *_: None)["history"]]
+    assert losses[0] == pytest.approx(math.log(2) * (1.0 if method == "spin" else 1.5), abs=1e-5)
+    if method == "spin":
+        assert losses[5] == pytest.approx(math.log(2), abs=1e-5) and losses[4] < math.log(2)
+
+
+@pytest.mark.parametrize("method", ["online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac",
+                                    "rpo_demos"])
+def test_example_configs_load(method):
+    from pathlib import Path
+    cfg = load_config(OnlinePairwiseConfig, Path(__file__).parent.parent / "configs" / f"{method}.yaml")
+    assert cfg.method == method
+
+
+def test_nash_example_config_loads():
+    from pathlib import Path
+    from distalign.config.online_pairwise import NashConfig
+    assert load_config(NashConfig, Path(__file__).parent.parent / "configs" / "nash_md.yaml").steps == 2000
