@@ -32,6 +32,7 @@ def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
 
 def test_every_example_config_validates():
     from distalign.config import OfflineConfig, load_config
+    from distalign.config.irl import IRL_METHODS, IRLConfig
     from distalign.config.online import ONLINE_METHODS, OnlineConfig
     from distalign.config.online_pairwise import NashConfig, ONLINE_PAIRWISE_METHODS, OnlinePairwiseConfig
     from distalign.objectives import PAIRWISE_OBJECTIVES
@@ -45,6 +46,8 @@ def test_every_example_config_validates():
             cfg = load_config(NashConfig, path)
         elif path.stem in ONLINE_PAIRWISE_METHODS:
             cfg = load_config(OnlinePairwiseConfig, path)
+        elif path.stem in IRL_METHODS:
+            cfg = load_config(IRLConfig, path)
         else:
             raise AssertionError(f"{path.name}: no method family")
         assert cfg.method == path.stem
@@ -52,7 +55,7 @@ def test_every_example_config_validates():
                      getattr(cfg, "demonstrations", "")):
             assert not data or (ROOT / data).is_file(), f"{path.name}: {data} is not in the repository"
         checked += 1
-    assert checked >= 23
+    assert checked >= 25
 
 
 def one_line_error(out, *fragments):

@@ -11,6 +11,7 @@ from typing import Callable
 def method_families() -> list[tuple[tuple[str, ...], type, Callable]]:
     """(methods, config schema, trainer) for every family; imported lazily so `--help` stays fast."""
     from distalign.config import OfflineConfig
+    from distalign.config.irl import IRL_METHODS, IRLConfig
     from distalign.config.online import ONLINE_METHODS, OnlineConfig
     from distalign.config.online_pairwise import (ITERATIVE_METHODS, LOOP_METHODS, NashConfig,
                                                   OnlinePairwiseConfig)
@@ -23,7 +24,8 @@ def method_families() -> list[tuple[tuple[str, ...], type, Callable]]:
             (ONLINE_METHODS, OnlineConfig, lazy("distalign.training.online", "train_online")),
             (LOOP_METHODS, OnlinePairwiseConfig, lazy("distalign.training.online_pairwise", "train_online_pairwise")),
             (ITERATIVE_METHODS, OnlinePairwiseConfig, lazy("distalign.training.iterative", "train_iterative")),
-            (("nash_md",), NashConfig, lazy("distalign.training.nash", "train_nash"))]
+            (("nash_md",), NashConfig, lazy("distalign.training.nash", "train_nash")),
+            (IRL_METHODS, IRLConfig, lazy("distalign.training.irl", "train_irl"))]
 
 
 def cmd_train(args) -> int:

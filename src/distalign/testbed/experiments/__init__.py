@@ -19,6 +19,7 @@ EXPERIMENTS: dict[str, str] = {
     "coverage": "distalign.testbed.experiments.coverage:run",
     "misspecification": "distalign.testbed.experiments.misspecification:run",
     "lm-rate": "distalign.testbed.experiments.lm_rate:run",
+    "mixed-feedback": "distalign.testbed.experiments.mixed_feedback:run",
 }
 
 
