@@ -27,23 +27,23 @@ class DemoSettings:
     n_words: int = 6
     max_len: int = 4
     n_prompts: int = 8
-    n_sft: int = 4000
-    n_pairs: int = 2000
+    n_sft: int = 8000
+    n_pairs: int = 4000
     hidden_size: int = 64
-    sft_steps: int = 250
-    pair_steps: int = 150
-    reward_steps: int = 150
-    online_steps: int = 60
+    sft_steps: int = 800
+    pair_steps: int = 300
+    reward_steps: int = 300
+    online_steps: int = 150
     batch_size: int = 32
-    eval_samples_per_prompt: int = 64
+    eval_samples_per_prompt: int = 128
     methods: tuple[str, ...] = ("dpo", "cpo", "pmle", "ppo", "reverse_kl", "grpo")
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSettings:
-        return cls(seed=seed, n_words=5, max_len=3, n_prompts=4, n_sft=1000, n_pairs=500, hidden_size=32,
-                   sft_steps=60, pair_steps=30, reward_steps=30, online_steps=10, batch_size=16,
-                   eval_samples_per_prompt=32)
+        return cls(seed=seed, n_words=5, max_len=3, n_prompts=4, n_sft=2000, n_pairs=1000, hidden_size=32,
+                   sft_steps=200, pair_steps=80, reward_steps=80, online_steps=30, batch_size=32,
+                   eval_samples_per_prompt=64)
 
 
 # Per-method settings on top of the shared ones. Offline methods use the preference pairs; online
@@ -56,11 +56,12 @@ OFFLINE = {
     "simpo": ["loss.beta=2.0", "loss.margin=0.2"],
 }
 ONLINE = {
-    # reverse KL with beta + gamma = 1 targets pi0^0.05 * exp(R): close to pi* when R ~ log pi*
-    "reverse_kl": ["loss.kl_coef=0.05", "loss.entropy_coef=0.95"],
-    "ppo": ["loss.kl_coef=0.05", "update_epochs=2"],
-    "grpo": ["loss.kl_coef=0.05"],
-    "rloo": ["loss.kl_coef=0.05"],
+    # The reward model learns R ~ log pi*(y|x) + c(x). Reverse KL with beta + gamma = 1 then targets
+    # pi_sft^beta * pi*; RLHF with beta targets pi_sft * pi*^(1/beta), sharper than pi* for beta < 1.
+    "reverse_kl": ["loss.kl_coef=0.2", "loss.entropy_coef=0.8"],
+    "ppo": ["loss.kl_coef=0.3", "update_epochs=2"],
+    "grpo": ["loss.kl_coef=0.3"],
+    "rloo": ["loss.kl_coef=0.3"],
 }
 
 
@@ -115,7 +116,7 @@ def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> 
                 f"method={method}", f"model.name_or_path={models['sft']}", f"data.train={files['prompts']}",
                 f"rewards=[{{kind: model, path: '{models['reward_model']}'}}]", "optim.learning_rate=1e-3",
                 "generation.temperature=1.0", f"generation.max_new_tokens={settings.max_len + 1}",
-                "generation.num_samples=4", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
+                "generation.num_samples=4", "generation.missing_eos_penalty=-2.0", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
                 *[o for o in _common(settings, out, method, settings.online_steps) if "batch_size" not in o]])
             models[method] = train_online(cfg, log=lambda *a: None)["final_model"]
         else:

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 COLUMNS = [("win_rate_vs_sft", "win-rate vs SFT (oracle)"), ("rm_score", "RM score"),
-           ("kl_to_sft", "KL(π‖π_sft)"), ("kl_target_to_policy", "exact KL(π*‖π)")]
+           ("kl_to_sft", "KL(π‖π_sft)"), ("kl_target_to_policy", "exact KL(π*‖π)"),
+           ("off_support", "samples outside π*'s support")]
 
 
 def _cell(row: dict, key: str) -> str:
@@ -57,6 +58,9 @@ def _findings(results: dict) -> list[str]:
     if worse:
         lines.append(f"- Further from π* than SFT: {', '.join(worse)} (reward over-optimisation or too few steps).")
     lines.append(f"- Reward model agrees with π*'s preference on {results['_reward_model_accuracy']:.1%} of fresh pairs.")
+    lines.append("- The oracle's win-rate rewards responses that π* finds likely, so a policy sharper than π* "
+                 "(RLHF with small β) can beat π* itself on win-rate while being far from it in KL(π*‖π); "
+                 "a large KL(π*‖π) means the policy gives almost no mass to responses π* produces.")
     return lines
 
 

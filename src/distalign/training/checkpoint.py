@@ -170,3 +170,21 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, sc
     if restore_rng:
         set_rng_state(load_file(str(path / "rng.safetensors")), plain["rng"])
     return _join_tensors(plain["trainer_state"], tensors)
+
+
+def begin_run(config, output_dir: str | Path, *, resume: bool = False, model=None, optimizer=None,
+              scheduler=None, log=print, main_process: bool = True) -> int:
+    """Start or continue a run: restore the newest checkpoint when `resume` (returning its step),
+    and save the resolved config as output_dir/config.yaml so every run records what it ran."""
+    import dataclasses
+
+    import yaml
+    out = Path(output_dir)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = int(load_checkpoint(ckpt, model, optimizer, scheduler)["step"])
+        log(f"resumed from {ckpt} at step {start}")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return start

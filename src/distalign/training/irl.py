@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from distalign.config import build_dataclass, to_dict
 from distalign.config.irl import IRLConfig
@@ -38,6 +37,7 @@ from distalign.models import (
 )
 from distalign.objectives.online_pairwise import aihf_reward_loss
 
+from .checkpoint import begin_run
 from .common import MetricsLogger, check_finite, set_seed
 from .online import prompt_order, train_online
 from .rollout import build_sampler
@@ -148,8 +148,7 @@ def train_irl(config: IRLConfig, log=print) -> dict:
     reward-step metrics and the RL run's last metrics).
     """
     cfg, out = config, Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    begin_run(cfg, out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(cfg.seed)
     m = cfg.model

@@ -18,13 +18,12 @@ import copy
 from pathlib import Path
 
 import torch
-import yaml
 
-from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import collate_pairs, collate_sequences, pair_logps, save_model, sequence_logps
 from distalign.objectives.online_pairwise import rpo_demos_loss, spac_loss, spin_loss
 
+from .checkpoint import begin_run
 from .common import MetricsLogger
 from .online_pairwise import PolicySession
 
@@ -87,8 +86,7 @@ class IterativeTrainer(PolicySession):
     def train(self) -> dict:
         t, it = self.cfg.train, self.cfg.iteration
         out = Path(t.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        begin_run(self.cfg, out)
         logger = MetricsLogger(out, True, self.total_steps, 0, t.progress_bar, self.cfg.method)
         history, step = [], 0
         try:

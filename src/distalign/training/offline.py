@@ -15,14 +15,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 
 from distalign.config import OfflineConfig, to_dict
 from distalign.data import load_examples, tokenize_examples
 from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint
 from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
 from .reference_cache import precompute_reference_logps
 from .tasks import build_task
@@ -184,14 +183,9 @@ class OfflineTrainer:
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
-        start = 0
-        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
-            state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
-            start = int(state["step"])
-            self.log(f"resumed from {ckpt} at step {start}")
-        if self.acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        start = begin_run(self.cfg, out, resume=t.resume, model=self.acc.unwrap_model(self.model),
+                          optimizer=self.optimizer, scheduler=self.scheduler, log=self.log,
+                          main_process=self.acc.is_main_process)
         logger = MetricsLogger(out, self.acc.is_main_process, self.total_steps, start, t.progress_bar,
                                f"{self.cfg.method}")
         window, window_examples, history = {}, 0, []

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from distalign.config import to_dict
 from distalign.config.online import OnlineConfig
@@ -28,7 +27,7 @@ from distalign.objectives.online_registry import RolloutTensors, get_online_obje
 from distalign.objectives.policy_gradient import masked_mean
 from distalign.rewards import build_reward
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint
 from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
 from .rollout import SampledBatch, build_sampler, response_forward
 from .value_head import PolicyWithValueHead, build_value_head
@@ -211,12 +210,8 @@ class OnlineTrainer:
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
-        start = 0
-        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
-            start = int(load_checkpoint(ckpt, self.module, self.optimizer, self.scheduler)["step"])
-            self.log(f"resumed from {ckpt} at step {start}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        start = begin_run(self.cfg, out, resume=t.resume, model=self.module, optimizer=self.optimizer,
+                          scheduler=self.scheduler, log=self.log)
         logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.cfg.method)
         history = []
         try:

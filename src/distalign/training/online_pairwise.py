@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
 from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig
@@ -33,7 +32,7 @@ from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss,
 from distalign.objectives.online_pairwise import orient_pairs, rebel_loss
 from distalign.rewards import build_reward, import_callable
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint
 from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
 from .online import prompt_order, prompt_text
 from .rollout import SampledBatch, build_sampler, response_forward
@@ -208,12 +207,8 @@ class OnlinePairwiseTrainer(PolicySession):
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
-        start = 0
-        if t.resume and (ckpt := latest_checkpoint(out)) is not None:
-            start = int(load_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler)["step"])
-            self.log(f"resumed from {ckpt} at step {start}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        start = begin_run(self.cfg, out, resume=t.resume, model=self.policy, optimizer=self.optimizer,
+                          scheduler=self.scheduler, log=self.log)
         logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.method)
         history = []
         try:
