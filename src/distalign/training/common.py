@@ -114,3 +114,31 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
         self.jsonl.close()
+
+
+def load_records(data, source: str, kind: str, tokenizer, log=print) -> list:
+    """Validate and tokenise `source` as `kind` with the limits of a DataConfig `data`; log both reports.
+
+    Every trainer reads its data through here, so errors, skipping and truncation counts are the same
+    whichever method runs.
+    """
+    from distalign.data import load_examples, tokenize_examples
+    examples, report = load_examples(source, kind, split=data.split, skip_invalid=data.skip_invalid)
+    records, tok_report = tokenize_examples(examples, kind, tokenizer, max_prompt_length=data.max_prompt_length,
+                                            max_length=data.max_length, skip_invalid=data.skip_invalid,
+                                            source_name=source)
+    log(f"{source}: {report.summary()}; {tok_report.summary()}")
+    if not records:
+        raise ValueError(f"{source}: no usable {kind} after validation")
+    return records
+
+
+def build_reference(policy: torch.nn.Module, model_cfg, reference: str | None, device):
+    """pi0 for `policy`: its adapter-disabled self for LoRA (no copy), else a frozen copy of
+    `reference` (default: the policy's initial weights) on `device`."""
+    from distalign.models import ReferenceModel, is_peft_model
+    name = reference or (None if is_peft_model(policy) else model_cfg.name_or_path)
+    ref = ReferenceModel.for_policy(policy, name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+    if ref.frozen is not None:
+        ref.frozen.to(device)
+    return ref

@@ -26,7 +26,7 @@ import torch
 from distalign.config import build_dataclass, to_dict
 from distalign.config.irl import IRLConfig
 from distalign.config.online import OnlineConfig
-from distalign.data import load_examples, tokenize_examples, tokenize_responses
+from distalign.data import tokenize_responses
 from distalign.models import (
     collate_sequences,
     load_policy,
@@ -38,7 +38,7 @@ from distalign.models import (
 from distalign.objectives.online_pairwise import aihf_reward_loss
 
 from .checkpoint import begin_run
-from .common import MetricsLogger, check_finite, set_seed
+from .common import MetricsLogger, check_finite, load_records, set_seed
 from .online import prompt_order, train_online
 from .rollout import build_sampler
 
@@ -54,11 +54,7 @@ class RewardLearner:
         self.model, self.optimizer = None, None
 
     def load(self, path: str, kind: str) -> list:
-        d = self.cfg.data
-        examples, report = load_examples(path, kind, split=d.split, skip_invalid=d.skip_invalid)
-        records, tok_report = tokenize_examples(examples, kind, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                                                max_length=d.max_length, skip_invalid=d.skip_invalid, source_name=path)
-        self.log(f"{path}: {report.summary()}; {tok_report.summary()}")
+        records = load_records(self.cfg.data, path, kind, self.tokenizer, self.log)
         if len(records) < self.cfg.reward.batch_size:
             raise ValueError(f"{path}: {len(records)} usable {kind}, fewer than reward.batch_size="
                              f"{self.cfg.reward.batch_size}")

@@ -18,11 +18,10 @@ import torch
 from accelerate import Accelerator
 
 from distalign.config import OfflineConfig, to_dict
-from distalign.data import load_examples, tokenize_examples
 from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
 from .checkpoint import begin_run, save_checkpoint
-from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, load_records, set_seed
 from .reference_cache import precompute_reference_logps
 from .tasks import build_task
 
@@ -31,17 +30,6 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """One Accelerator per run. Without a GPU, cpu=True makes a torchrun/accelerate multi-process launch
     form a gloo process group (MULTI_CPU) instead of silently running each process alone."""
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-
-
-def load_records(cfg: OfflineConfig, tokenizer, source: str, kind: str, log=print):
-    examples, report = load_examples(source, kind, split=cfg.data.split, skip_invalid=cfg.data.skip_invalid)
-    records, tok_report = tokenize_examples(examples, kind, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                            max_length=cfg.data.max_length, skip_invalid=cfg.data.skip_invalid,
-                                            source_name=source)
-    log(f"{source}: {report.summary()}; {tok_report.summary()}")
-    if not records:
-        raise ValueError(f"{source}: no usable rows after validation")
-    return records
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -85,8 +73,8 @@ class OfflineTrainer:
                                         trust_remote_code=cfg.model.trust_remote_code)
         pad = self.tokenizer.pad_token_id
         self.task = build_task(cfg.method, pad, dict(cfg.loss), cfg.share_prompt)
-        self.train_records = load_records(cfg, self.tokenizer, cfg.data.train, self.task.data_kind, log)
-        self.eval_records = (load_records(cfg, self.tokenizer, cfg.data.eval, self.task.data_kind, log)
+        self.train_records = load_records(cfg.data, cfg.data.train, self.task.data_kind, self.tokenizer, log)
+        self.eval_records = (load_records(cfg.data, cfg.data.eval, self.task.data_kind, self.tokenizer, log)
                              if cfg.data.eval else [])
         self.model = self._load_model()
         self.reference = self._load_reference() if self.task.needs_reference else None

@@ -21,14 +21,21 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online import OnlineConfig
-from distalign.data import load_examples, tokenize_examples
-from distalign.models import ReferenceModel, is_peft_model, load_policy, load_tokenizer, save_model
+from distalign.models import is_peft_model, load_policy, load_tokenizer, save_model
 from distalign.objectives.online_registry import RolloutTensors, get_online_objective
 from distalign.objectives.policy_gradient import masked_mean
 from distalign.rewards import build_reward
 
 from .checkpoint import begin_run, save_checkpoint
-from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .common import (
+    MetricsLogger,
+    build_optimizer,
+    build_reference,
+    build_scheduler,
+    check_finite,
+    load_records,
+    set_seed,
+)
 from .rollout import SampledBatch, build_sampler, response_forward
 from .value_head import PolicyWithValueHead, build_value_head
 
@@ -57,11 +64,12 @@ class OnlineTrainer:
                              f"{self.objective.min_group_size} samples per prompt, got {self.group_size}")
         m = cfg.model
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
-        self.records = self._load_prompts()
+        self.records = load_records(cfg.data, cfg.data.train, "prompts", self.tokenizer, self.log)
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
                                   device=self.device)
-        self.reference = self._reference() if self.objective.needs_reference(self.hparams) else None
+        needs_reference = self.objective.needs_reference(self.hparams)
+        self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.value_head = self._value_head() if self.objective.needs_value_head else None
         # A LoRA policy without value head is checkpointed as itself (adapter weights only).
         plain_lora = is_peft_model(self.policy) and self.value_head is None
@@ -77,24 +85,6 @@ class OnlineTrainer:
         self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
-    def _load_prompts(self):
-        d = self.cfg.data
-        examples, report = load_examples(d.train, "prompts", split=d.split, skip_invalid=d.skip_invalid)
-        records, tok_report = tokenize_examples(examples, "prompts", self.tokenizer,
-                                                max_prompt_length=d.max_prompt_length, max_length=d.max_length,
-                                                skip_invalid=d.skip_invalid, source_name=d.train)
-        self.log(f"{d.train}: {report.summary()}; {tok_report.summary()}")
-        if not records:
-            raise ValueError(f"{d.train}: no usable prompts after validation")
-        return records
-
-    def _reference(self) -> ReferenceModel:
-        m = self.cfg.model
-        name = self.cfg.reference or (None if is_peft_model(self.policy) else m.name_or_path)
-        ref = ReferenceModel.for_policy(self.policy, name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-        if ref.frozen is not None:
-            ref.frozen.to(self.device)
-        return ref
 
     def _value_head(self):
         if self.cfg.value_init == "reward_model":

@@ -25,15 +25,21 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig
-from distalign.data import load_examples, tokenize_examples
-from distalign.models import (ReferenceModel, collate_pairs, is_peft_model, load_policy, load_tokenizer,
-                              pair_logps, save_model)
+from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps, save_model
 from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss, score_function_kl
 from distalign.objectives.online_pairwise import orient_pairs, rebel_loss
 from distalign.rewards import build_reward, import_callable
 
 from .checkpoint import begin_run, save_checkpoint
-from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, set_seed
+from .common import (
+    MetricsLogger,
+    build_optimizer,
+    build_reference,
+    build_scheduler,
+    check_finite,
+    load_records,
+    set_seed,
+)
 from .online import prompt_order, prompt_text
 from .rollout import SampledBatch, build_sampler, response_forward
 
@@ -51,28 +57,13 @@ class PolicySession:
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
                                   device=self.device)
-        self.reference = self._reference() if needs_reference else None
+        self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
-    def _reference(self) -> ReferenceModel:
-        m = self.cfg.model
-        name = self.cfg.reference or (None if is_peft_model(self.policy) else m.name_or_path)
-        ref = ReferenceModel.for_policy(self.policy, name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-        if ref.frozen is not None:
-            ref.frozen.to(self.device)
-        return ref
-
     def load(self, path: str, kind: str) -> list:
-        d = self.cfg.data
-        examples, report = load_examples(path, kind, split=d.split, skip_invalid=d.skip_invalid)
-        records, tok_report = tokenize_examples(examples, kind, self.tokenizer, max_prompt_length=d.max_prompt_length,
-                                                max_length=d.max_length, skip_invalid=d.skip_invalid, source_name=path)
-        self.log(f"{path}: {report.summary()}; {tok_report.summary()}")
-        if not records:
-            raise ValueError(f"{path}: no usable {kind} after validation")
-        return records
+        return load_records(self.cfg.data, path, kind, self.tokenizer, self.log)
 
     def batch_of(self, records: list, step: int) -> list:
         """The step-th batch of a fixed-seed permutation per epoch (as Online engine I's loop)."""
