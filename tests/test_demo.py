@@ -16,7 +16,7 @@ def test_quick_demo_writes_table_plot_and_report(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| model | win-rate vs SFT (oracle)" in out.stdout
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
-    for name in ("sft", "dpo", "cpo", "pmle", "ppo", "reverse_kl", "grpo", "pi* (target)"):
+    for name in ("sft", "dpo", "cpo", "pmle", "online_distill", "rebel", "ppo", "reverse_kl", "grpo", "pi* (target)"):
         row = results[name]
         assert 0.0 <= row["win_rate_vs_sft"] <= 1.0 and row["kl_target_to_policy"] >= 0.0
     assert results["sft"]["kl_to_sft"] == 0.0 and results["pi* (target)"]["kl_target_to_policy"] == 0.0

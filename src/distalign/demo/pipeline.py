@@ -9,12 +9,14 @@ from typing import Callable
 
 from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
+from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import make_tiny
 from distalign.testbed.lm import LMWorld
 from distalign.testbed.lm_data import preference_pairs, prompt_rows, write_jsonl
 from distalign.testbed.lm_policy import world_tokenizer
 from distalign.training.offline import train_offline
 from distalign.training.online import train_online
+from distalign.training.online_pairwise import train_online_pairwise
 
 from .evaluate import evaluate_models
 from .report import write_outputs
@@ -36,7 +38,7 @@ class DemoSettings:
     online_steps: int = 150
     batch_size: int = 32
     eval_samples_per_prompt: int = 128
-    methods: tuple[str, ...] = ("dpo", "cpo", "pmle", "ppo", "reverse_kl", "grpo")
+    methods: tuple[str, ...] = ("dpo", "cpo", "pmle", "online_distill", "rebel", "ppo", "reverse_kl", "grpo")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -58,11 +60,15 @@ OFFLINE = {
 ONLINE = {
     # The reward model learns R ~ log pi*(y|x) + c(x). Reverse KL with beta + gamma = 1 then targets
     # pi_sft^beta * pi*; RLHF with beta targets pi_sft * pi*^(1/beta), sharper than pi* for beta < 1.
-    "reverse_kl": ["loss.kl_coef=0.2", "loss.entropy_coef=0.8"],
-    "ppo": ["loss.kl_coef=0.3", "update_epochs=2"],
-    "grpo": ["loss.kl_coef=0.3"],
-    "rloo": ["loss.kl_coef=0.3"],
+    "reverse_kl": ["loss.kl_coef=0.2", "loss.entropy_coef=0.8", "generation.missing_eos_penalty=-2.0"],
+    "ppo": ["loss.kl_coef=0.3", "update_epochs=2", "generation.missing_eos_penalty=-2.0"],
+    "grpo": ["loss.kl_coef=0.3", "generation.missing_eos_penalty=-2.0"],
+    "rloo": ["loss.kl_coef=0.3", "generation.missing_eos_penalty=-2.0"],
+    # seed 001 Algorithm 1 on two fresh samples per prompt, soft labels from the reward model
+    "online_distill": ["loss.gamma=1.0", "loss.kl_coef=0.05", "generation.num_samples=2"],
+    "rebel": ["loss.eta=1.0", "loss.kl_coef=0.05", "generation.num_samples=2", "update_epochs=2"],
 }
+PAIRWISE_ONLINE = ("online_distill", "rebel")
 
 
 def _world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]:
@@ -112,13 +118,15 @@ def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> 
                                      OFFLINE[method])
         elif method in ONLINE:
             log(f"[{len(models) + 1}] {method}")
-            cfg = load_config(OnlineConfig, None, [
+            schema, trainer = ((OnlinePairwiseConfig, train_online_pairwise) if method in PAIRWISE_ONLINE
+                               else (OnlineConfig, train_online))
+            cfg = load_config(schema, None, [
                 f"method={method}", f"model.name_or_path={models['sft']}", f"data.train={files['prompts']}",
                 f"rewards=[{{kind: model, path: '{models['reward_model']}'}}]", "optim.learning_rate=1e-3",
                 "generation.temperature=1.0", f"generation.max_new_tokens={settings.max_len + 1}",
-                "generation.num_samples=4", "generation.missing_eos_penalty=-2.0", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
+                "generation.num_samples=4", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
                 *[o for o in _common(settings, out, method, settings.online_steps) if "batch_size" not in o]])
-            models[method] = train_online(cfg, log=lambda *a: None)["final_model"]
+            models[method] = trainer(cfg, log=lambda *a: None)["final_model"]
         else:
             raise ValueError(f"demo: unknown method {method!r}; valid: {sorted({**OFFLINE, **ONLINE})}")
     return models
