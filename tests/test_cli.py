@@ -94,3 +94,18 @@ def test_bad_data_row_names_file_row_field(world_dir, tmp_path):
 def test_unknown_method_lists_valid_ones():
     out = run("train", "dpoo")
     assert out.returncode != 0 and "valid:" in out.stderr and "dpo" in out.stderr
+
+
+def test_eval_command_writes_report(world_dir, tmp_path):
+    """`distalign eval --config` end to end on the shared tiny world: policy vs reference, RM metrics."""
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"policies: {{tiny: {world_dir / 'tiny'}}}\nreference: {world_dir / 'tiny'}\n"
+        f"prompts: {world_dir / 'data' / 'prompts.jsonl'}\nmax_prompts: 8\n"
+        "generation: {max_new_tokens: 4, temperature: 1.0, seed: 0, batch_size: 8}\n"
+        f"output_dir: {tmp_path / 'out'}\n")
+    out = run("eval", "--config", config)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "out" / "eval.md").is_file() and (tmp_path / "out" / "eval.json").is_file()
+    bad = run("eval", "--config", config, "policiez=1")
+    one_line_error(bad, "policiez")
