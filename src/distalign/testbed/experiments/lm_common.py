@@ -113,6 +113,20 @@ def sft_to_reference(world: LMWorld, init_dir: Path, out_dir: Path, *, n_demos: 
     return out_dir / "run" / "final"
 
 
+def sft_start(world: LMWorld, work: Path, plan: dict, seed: int) -> tuple[Path, torch.Tensor]:
+    """The shared start of every language-level run: a tiny Llama SFT'd on exact pi0 samples.
+
+    Returns its folder and its log-prob table over the world's responses (X, M).
+    """
+    from distalign.models import load_policy, load_tokenizer
+    with quiet():
+        init = make_world_model(world, work / "init", seed)
+        start = sft_to_reference(world, init, work / "sft", n_demos=plan["n_demos"], steps=plan["sft_steps"],
+                                 seed=seed)
+        model, tokenizer = load_policy(start), load_tokenizer(start)
+    return start, support_logps(world, model, tokenizer)
+
+
 def support_logps(world: LMWorld, model, tokenizer) -> torch.Tensor:
     """log pi(y|x) of a causal LM for every prompt x and every response y of the world: (X, M) float64,
     responses in `lm.all_sequences` order. The model may also put mass elsewhere (longer text,

@@ -32,18 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distalign.models import load_policy, load_tokenizer
-
 from ..lm_data import preference_pairs, write_jsonl
 from ..plotting import line_plot, loglog_slope, markdown_table, write_results, write_table
 from ..tabular_fit import single_thread
 from .lm_common import (
-    make_world_model,
     mean_kl,
-    quiet,
     reference_kl,
     run_offline,
-    sft_to_reference,
+    sft_start,
     small_world,
     support_logps,
     trained_module,
@@ -171,12 +167,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     # tiny tensors: one thread avoids the synchronisation that makes 2 threads ~10x slower on a busy machine
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]), single_thread():
         work = Path(tmp)
-        with quiet():
-            init = make_world_model(world, work / "init", seed)
-            start = sft_to_reference(world, init, work / "sft", n_demos=plan["n_demos"],
-                                     steps=plan["sft_steps"], seed=seed)
-            start_model, tokenizer = load_policy(start), load_tokenizer(start)
-        start_logps = support_logps(world, start_model, tokenizer)
+        start, start_logps = sft_start(world, work, plan, seed)
         limits = {"pmle": target_logps, "dpo": dpo_limit_logps(start_logps, target_logps)}
         runs = sweep(world, start, work, plan, seed, limits)
     start_kl = mean_kl(target_logps, start_logps)

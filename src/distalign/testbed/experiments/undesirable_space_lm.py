@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from distalign.models import load_policy, load_tokenizer
 from distalign.objectives import dpo_loss, frac_in_undesirable
 
 from ..lm import all_sequences
@@ -40,12 +39,9 @@ from ..lm_policy import hf_policy_logprob_fn
 from ..plotting import line_plot, markdown_table, write_results, write_table
 from ..tabular_fit import single_thread
 from .lm_common import (
-    make_world_model,
-    quiet,
     run_offline,
-    sft_to_reference,
+    sft_start,
     small_world,
-    support_logps,
     trained_module,
     world_logps,
 )
@@ -210,13 +206,8 @@ def run_lm(out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     # tiny tensors: one thread avoids the synchronisation that makes 2 threads ~10x slower on a busy machine
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]), single_thread():
         work = Path(tmp)
-        with quiet():
-            init = make_world_model(world, work / "init", seed)
-            start = sft_to_reference(world, init, work / "sft", n_demos=plan["n_demos"],
-                                     steps=plan["sft_steps"], seed=seed)
-            start_model, tokenizer = load_policy(start), load_tokenizer(start)
-        pairs = select_pairs(world, world_logps(world), support_logps(world, start_model, tokenizer),
-                             plan["pairs_per_prompt"])
+        start, start_logps = sft_start(world, work, plan, seed)
+        pairs = select_pairs(world, world_logps(world), start_logps, plan["pairs_per_prompt"])
         write_jsonl(work / "pairs.jsonl", pair_rows(pairs))
         runs = {m: trajectory(m, start, work / "pairs.jsonl", work / m, pairs, plan, seed) for m in METHODS}
     protocol = {**plan, "world": world.to_dict(), "learning_rate": LEARNING_RATE, "batch_size": BATCH,
