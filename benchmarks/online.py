@@ -95,13 +95,14 @@ def run_distalign(method: str, model: str, data: str, warmup: int, steps: int, o
         f"train.max_steps={warmup + steps}", f"train.output_dir={out}", "train.progress_bar=false",
         f"optim.learning_rate={LR}", "optim.schedule=constant", "optim.max_grad_norm=1.0",
         f"generation.max_new_tokens={NEW_TOKENS}", f"generation.temperature={TEMPERATURE}",
-        f"generation.num_samples={SAMPLES}", f"loss.kl_coef={KL}", "update_epochs=1", "num_minibatches=1"])
+        f"generation.num_samples={SAMPLES}", f"generation.min_new_tokens={NEW_TOKENS}",  # TRL's token count
+        f"loss.kl_coef={KL}", "update_epochs=1", "num_minibatches=1"])
     timer = PhaseTimer()
-    # Scoring forwards run without grad (policy with entropy, then reference); the update's with grad.
-    online.response_forward = timer.wrap(online.response_forward, lambda *a, **k: (
-        "update_forward" if torch.is_grad_enabled() else "score_policy" if k.get("with_entropy") else "score_ref"))
+    # Scoring forwards run without grad (the policy's only when the sampler kept no log-probs, then the
+    # reference); the update's with grad.
+    online.grouped_response_forward = timer.wrap(online.grouped_response_forward, lambda *a, **k: (
+        "update_forward" if torch.is_grad_enabled() else "score_policy" if a[5:] and a[5] else "score_ref"))
     trainer = online.OnlineTrainer(cfg, log=lambda *a: None)
-    trainer.sampler.config.min_new_tokens = NEW_TOKENS  # same token count as TRL's side
     trainer.sampler.sample = timer.wrap(trainer.sampler.sample, lambda *a, **k: "generate")
     trainer.score = timer.wrap(trainer.score, lambda *a, **k: "reward")
     trainer.update = timer.wrap(trainer.update, lambda *a, **k: "update")

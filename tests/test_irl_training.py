@@ -15,7 +15,7 @@ from distalign.testbed.lm import LMWorld
 from distalign.testbed.lm_data import demonstrations, preference_pairs, write_jsonl
 from distalign.testbed.lm_policy import hf_policy_logprob_fn, kl_target_to_policy, world_tokenizer
 from distalign.training.irl import train_irl
-from distalign.training.rollout import build_sampler
+from distalign.training.sampling import build_sampler
 
 
 @pytest.fixture(scope="module")

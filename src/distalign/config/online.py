@@ -20,9 +20,10 @@ class GenerationConfig:
     top_k: int = _f(0, "top-k sampling; 0 disables (keep 0 so scored log-probs match the sampler)")
     top_p: float = _f(1.0, "nucleus sampling; 1.0 disables (keep 1.0 so scored log-probs match the sampler)")
     num_samples: int = _f(4, "completions per prompt (the group size of RLOO / GRPO / reverse KL baselines)")
+    min_new_tokens: int = _f(0, "EOS is not sampled before this many tokens (stored log-probs stay unrestricted)")
     missing_eos_penalty: float | None = _f(None, "added to the reward of completions without EOS (e.g. -1)")
-    backend: str = _f("hf", "sampler: 'hf' (generate with KV cache) or 'vllm' (needs vllm installed)",
-                      choices=("hf", "vllm"))
+    backend: str = _f("hf", "sampler: 'hf' (own KV-cache decode loop, one prefill per prompt), 'generate' "
+                            "(model.generate) or 'vllm' (needs vllm installed)", choices=("hf", "generate", "vllm"))
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -31,6 +32,8 @@ class GenerationConfig:
             raise ValueError("temperature", "must be > 0 (sampling is required for policy gradients)")
         if self.num_samples < 1:
             raise ValueError("num_samples", "must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens", "must be between 0 and max_new_tokens")
 
 
 @dataclass
@@ -82,6 +85,8 @@ class OnlineConfig:
     loss: OnlineLossConfig = _f(help="objective hyperparameters", factory=OnlineLossConfig)
     update_epochs: int = _f(1, "passes over each rollout (PPO epochs)")
     num_minibatches: int = _f(1, "optimizer steps per pass over a rollout")
+    share_prompt: bool = _f(True, "score each prompt's samples in one row [prompt|c1..ck] with a 4D mask "
+                                  "(fewer tokens; turn off when k x max_new_tokens dwarfs the prompt)")
     value_init: str = _f("policy", "PPO value head: zero-initialised on the policy, or copied from the "
                                    "reward model's score head", choices=("policy", "reward_model"))
     value_model: str | None = _f(None, "reward model to copy the value head from (value_init=reward_model)")

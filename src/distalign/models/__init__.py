@@ -19,6 +19,7 @@ from .logprobs import (
                       PairForward,
                       pair_logps,
                       sequence_logps,
+                      shared_prompt_attention,
                       shared_prompt_mask,
                       supports_shared_prompt,
                       token_logps_from_logits,
@@ -29,6 +30,7 @@ from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 __all__ = [
     "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model", "pair_logps",
-    "reference_context", "reward_scores", "save_model", "score_sequences", "sequence_logps", "shared_prompt_mask", "supports_shared_prompt",
+    "reference_context", "reward_scores", "save_model", "score_sequences", "sequence_logps", "shared_prompt_attention", "shared_prompt_mask",
+    "supports_shared_prompt",
     "token_logps_from_logits", "train_tokenizer", "unshare_pairs", "unwrap_model",
 ]

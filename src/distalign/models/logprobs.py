@@ -189,11 +189,16 @@ def supports_shared_prompt(model) -> bool:
     return getattr(_core_model(model).config, "_attn_implementation", None) in SHARED_PROMPT_ATTENTION
 
 
-def _shared_pair_logps(model, batch: dict, temperature: float) -> PairForward:
-    input_ids, segment_ids = batch["input_ids"], batch["segment_ids"]
+def shared_prompt_attention(model, segment_ids: Tensor) -> Tensor:
+    """`shared_prompt_mask` in the form the model's attention takes (bool for sdpa, additive for eager)."""
     core = _core_model(model)
     eager = core.config._attn_implementation == "eager"
-    mask = shared_prompt_mask(segment_ids, core.get_input_embeddings().weight.dtype if eager else None)
+    return shared_prompt_mask(segment_ids, core.get_input_embeddings().weight.dtype if eager else None)
+
+
+def _shared_pair_logps(model, batch: dict, temperature: float) -> PairForward:
+    input_ids, segment_ids = batch["input_ids"], batch["segment_ids"]
+    mask = shared_prompt_attention(model, segment_ids)
     logits, start = _model_logits(model, input_ids, batch["logits_from"], attention_mask=mask,
                                   position_ids=batch["position_ids"])
     token_logps = _next_token_logps(logits, input_ids, start, temperature)

@@ -40,7 +40,7 @@ from distalign.objectives.online_pairwise import aihf_reward_loss
 from .checkpoint import begin_run
 from .common import MetricsLogger, check_finite, load_records, set_seed
 from .online import prompt_order, train_online
-from .rollout import build_sampler
+from .sampling import build_sampler
 
 
 class RewardLearner:

@@ -4,10 +4,12 @@ GRPO, reverse KL; SPEC §2 "Online").
     distalign train grpo --config configs/grpo.yaml train.max_steps=50
     train_online(load_config(OnlineConfig, "configs/grpo.yaml"))
 
-One step = one rollout of `train.batch_size` prompts x `generation.num_samples` completions. After
-sampling, one no-grad forward of the policy gives the sampler's log-probs (and values, entropy) and one
-of the reference gives pi0's; the registry's objective turns them into advantages once, then each of
-`update_epochs` passes makes `num_minibatches` optimizer steps. The method only enters through its
+One step = one rollout of `train.batch_size` prompts x `generation.num_samples` completions. The
+sampler keeps its own log-probs and entropies; only PPO (values) or a sampler that keeps none needs a
+no-grad forward of the policy. One forward of the reference gives pi0's log-probs; the registry's
+objective turns them into advantages once, then each of `update_epochs` passes makes
+`num_minibatches` optimizer steps over shuffled groups (a prompt's k samples stay together, so every
+forward encodes each prompt once: `share_prompt`). The method only enters through its
 `OnlineObjective` entry. Prompt order is a permutation drawn from (seed, epoch) and the RNG is saved
 in checkpoints, so a resumed run repeats the uninterrupted one bit for bit on CPU. Single process.
 """
@@ -36,7 +38,8 @@ from .common import (
     load_records,
     set_seed,
 )
-from .rollout import SampledBatch, build_sampler, response_forward
+from .rollout import ResponseForward, SampledBatch, grouped_response_forward
+from .sampling import build_sampler
 from .value_head import PolicyWithValueHead, build_value_head
 
 ADVANTAGE_KEYS = ("kl_coef", "entropy_coef", "gamma", "lam", "whiten_advantages", "scale_rewards")
@@ -85,6 +88,10 @@ class OnlineTrainer:
         self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
+    def forward(self, model, batch: SampledBatch, value_head=None, with_entropy: bool = False) -> ResponseForward:
+        group = self.group_size if self.cfg.share_prompt else 1
+        return grouped_response_forward(model, batch, group, self.cfg.generation.temperature, value_head,
+                                        with_entropy)
 
     def _value_head(self):
         if self.cfg.value_init == "reward_model":
@@ -120,12 +127,14 @@ class OnlineTrainer:
         batch = self.sampler.sample(self.policy, [r.prompt_ids for r in records for _ in range(self.group_size)])
         generation_time = time.perf_counter() - start
         scores = self.score(records, batch)
-        temperature = self.cfg.generation.temperature
-        old = response_forward(self.policy, batch, temperature, self.value_head, with_entropy=True)
+        if self.value_head is None and batch.token_logps is not None:
+            old = ResponseForward(batch.token_logps, None, batch.entropy)
+        else:
+            old = self.forward(self.policy, batch, self.value_head, with_entropy=True)
         ref_token_logps = None
         if self.reference is not None:
             with self.reference.context() as ref_model:
-                ref_token_logps = response_forward(ref_model, batch, temperature).token_logps
+                ref_token_logps = self.forward(ref_model, batch).token_logps
         tensors = RolloutTensors(scores, old.token_logps, batch.response_mask, ref_token_logps, old.values,
                                  self.group_size)
         tensors = self.objective.prepare(tensors, self.hparams)
@@ -148,9 +157,12 @@ class OnlineTrainer:
                        "length_norm": cfg.loss.length_norm, "max_length": cfg.generation.max_new_tokens,
                        "kl_coef": cfg.loss.kl_coef, "vf_coef": cfg.loss.vf_coef, "vf_clip": cfg.loss.vf_clip}
         self.module.train()
+        size = self.group_size
+        within = torch.arange(size, device=rollout.scores.device)
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(len(rollout.scores), device=rollout.scores.device)
-            for minibatch in order.chunk(cfg.num_minibatches):
+            groups = torch.randperm(len(rollout.scores) // size, device=rollout.scores.device)
+            for group_chunk in groups.chunk(cfg.num_minibatches):
+                minibatch = (group_chunk[:, None] * size + within).flatten()
                 metrics = self.optimizer_step(step, minibatch, batch, rollout, loss_kwargs)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v
@@ -159,11 +171,11 @@ class OnlineTrainer:
 
     def optimizer_step(self, step: int, rows: torch.Tensor, batch: SampledBatch, rollout: RolloutTensors,
                        loss_kwargs: dict) -> dict:
-        micro_batches = rows.chunk(self.cfg.train.gradient_accumulation_steps)
+        accumulation = self.cfg.train.gradient_accumulation_steps
+        micro_batches = [m.flatten() for m in rows.view(-1, self.group_size).chunk(accumulation)]
         total, sums = torch.zeros((), device=self.device), {}
         for micro in micro_batches:
-            sub = batch.select(micro)
-            out = response_forward(self.policy, sub, self.cfg.generation.temperature, self.value_head)
+            out = self.forward(self.policy, batch.select(micro), self.value_head)
             losses, metrics = self.objective.loss(out.token_logps, out.values, rollout.select(micro), **loss_kwargs)
             loss = losses.mean() * (len(micro) / len(rows))
             loss.backward()

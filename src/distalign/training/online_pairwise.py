@@ -41,7 +41,8 @@ from .common import (
     set_seed,
 )
 from .online import prompt_order, prompt_text
-from .rollout import SampledBatch, build_sampler, response_forward
+from .rollout import SampledBatch, response_forward
+from .sampling import build_sampler
 
 
 class PolicySession:

@@ -1,8 +1,8 @@
-"""Rollouts: sample completions from the current policy, then score them in batched forwards.
+"""Rollouts: the layout of sampled completions and the batched forwards that score them.
 
-    sampler = HFSampler(tokenizer, max_new_tokens=32, temperature=0.7)
-    batch = sampler.sample(policy, prompt_ids)                  # KV-cache generate, left-padded prompts
+    batch = sampler.sample(policy, prompt_ids)                  # `sampling.py`; a SampledBatch
     out = response_forward(policy, batch, temperature=0.7)      # token_logps (B, T) with logits / T
+    out = grouped_response_forward(policy, batch, 4, 0.7)       # the same numbers, each prompt encoded once
 
 Layout of a sampled batch: `input_ids` (B, P + T) = [left-padded prompt | response, right-padded];
 position ids count real tokens only (as `generate` does), so the scoring forward sees exactly the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.models import token_logps_from_logits
+from distalign.models import shared_prompt_attention, supports_shared_prompt, token_logps_from_logits
 
 
 @dataclass
@@ -29,14 +29,18 @@ class SampledBatch:
     prompt_length: int       # P, the padded prompt width
     response_mask: Tensor    # (B, T) float
     truncated: Tensor        # (B,) bool: no EOS within max_new_tokens
+    token_logps: Tensor | None = None   # (B, T) the sampler's own log-probs at the temperature, if it kept them
+    entropy: Tensor | None = None       # (B, T) entropy of the tempered distribution at each step, likewise
 
     @property
     def response_ids(self) -> Tensor:
         return self.input_ids[:, self.prompt_length:]
 
     def select(self, rows: Tensor) -> SampledBatch:
+        pick = lambda t: None if t is None else t[rows]
         return SampledBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
-                            self.prompt_length, self.response_mask[rows], self.truncated[rows])
+                            self.prompt_length, self.response_mask[rows], self.truncated[rows],
+                            pick(self.token_logps), pick(self.entropy))
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -90,83 +94,54 @@ def response_forward(model, batch: SampledBatch, temperature: float = 1.0, value
     if value_head is not None:
         values = value_head(out.hidden_states[-1][:, P - 1:P + T - 1]) * batch.response_mask
     if with_entropy:
-        with torch.no_grad():
-            logits = out.logits[:, :-1].float() / temperature
-            probs = torch.softmax(logits, -1)
-            entropy = (torch.logsumexp(logits, -1) - (probs * logits).sum(-1)) * batch.response_mask
+        entropy = _entropy(out.logits[:, :-1], temperature, batch.response_mask)
     return ResponseForward(token_logps, values, entropy)
 
 
-class HFSampler:
-    """Batched sampling with `model.generate` (KV cache), pure temperature sampling (top-k/top-p off
-    unless asked; then the scored log-probs are those of the untruncated tempered distribution)."""
-
-    def __init__(self, tokenizer, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0):
-        from transformers import GenerationConfig
-        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        if self.pad is None or self.eos is None:
-            raise ValueError("tokenizer: needs both a pad and an EOS token for batched generation")
-        self.config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       max_new_tokens=max_new_tokens, pad_token_id=self.pad,
-                                       eos_token_id=self.eos, bos_token_id=tokenizer.bos_token_id)
-
-    @torch.no_grad()
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
-        device = next(model.parameters()).device
-        ids, mask = left_pad(prompt_ids, self.pad)
-        ids, mask = ids.to(device), mask.to(device)
-        was_training = model.training
-        model.eval()
-        try:
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
-        finally:
-            model.train(was_training)
-        return assemble_batch(ids, mask, out[:, ids.shape[1]:], self.eos)
-
-    def sync_weights(self, model) -> None:
-        """`generate` runs on the live policy, so there is nothing to copy."""
+def _entropy(logits: Tensor, temperature: float, mask: Tensor) -> Tensor:
+    with torch.no_grad():
+        log_probs = (logits.float() / temperature).log_softmax(-1)
+        return -(log_probs.exp() * log_probs).sum(-1) * mask
 
 
-class VLLMSampler:
-    """The same interface on a vLLM engine; the policy's weights are pushed into it after each update.
-
-    Not exercised by the test suite (vLLM needs a GPU and is not a dependency); import-guarded.
+def grouped_response_forward(model, batch: SampledBatch, group_size: int, temperature: float = 1.0,
+                             value_head=None, with_entropy: bool = False) -> ResponseForward:
+    """`response_forward` for rows that come in runs of `group_size` samples of one prompt, with each
+    prompt encoded once: group g is one row [prompt | c_1 | ... | c_k] (each completion padded to T)
+    under a 4D mask in which c_j sees the prompt and its own earlier tokens only, and c_j's positions
+    continue from the prompt's end. Same numbers as the per-sample rows within fp32 rounding (test);
+    (P + T) / (P / k + T) times fewer tokens. Falls back to `response_forward` when the rows are not
+    such runs or the model's attention cannot take a 4D mask.
     """
-
-    def __init__(self, tokenizer, model_path: str, max_new_tokens: int, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0, gpu_memory_utilization: float = 0.3):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise ImportError("generation.backend=vllm needs the 'vllm' package (pip install vllm, GPU only); "
-                              "use generation.backend=hf") from None
-        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization)
-        self.params = SamplingParams(temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
-                                     max_tokens=max_new_tokens, stop_token_ids=[self.eos])
-
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
-        from vllm.inputs import TokensPrompt
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], self.params,
-                                    use_tqdm=False)
-        responses = [list(o.outputs[0].token_ids) for o in outputs]
-        width = max(1, max(len(r) for r in responses))
-        response_ids = torch.full((len(responses), width), self.pad, dtype=torch.long)
-        for row, r in enumerate(responses):
-            response_ids[row, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        ids, mask = left_pad(prompt_ids, self.pad)
-        device = next(model.parameters()).device
-        return assemble_batch(ids.to(device), mask.to(device), response_ids.to(device), self.eos)
-
-    def sync_weights(self, model) -> None:
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
-
-
-def build_sampler(tokenizer, generation, model_path: str):
-    """The sampler named by `generation.backend` ("hf" or "vllm")."""
-    kwargs = {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
-              "top_k": generation.top_k, "top_p": generation.top_p}
-    if generation.backend == "vllm":
-        return VLLMSampler(tokenizer, model_path, **kwargs)
-    return HFSampler(tokenizer, **kwargs)
+    B, P, T, k = batch.input_ids.shape[0], batch.prompt_length, batch.response_mask.shape[1], group_size
+    if k <= 1 or B % k or not supports_shared_prompt(model):
+        return response_forward(model, batch, temperature, value_head, with_entropy)
+    G = B // k
+    prompts, prompt_mask = batch.input_ids[::k, :P], batch.attention_mask[::k, :P]
+    if not torch.equal(batch.input_ids[:, :P].view(G, k, P), prompts[:, None].expand(G, k, P)):
+        return response_forward(model, batch, temperature, value_head, with_entropy)
+    device = prompts.device
+    response_mask = batch.response_mask.reshape(G, k * T)
+    completion = torch.arange(1, k + 1, device=device).repeat_interleave(T).expand(G, k * T)
+    segment_ids = torch.cat([prompt_mask.long() - 1,                      # prompt 0, left padding -1
+                             torch.where(response_mask > 0, completion, -1)], dim=1)
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    response_positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=device).repeat(k)
+    out = model(input_ids=torch.cat([prompts, batch.response_ids.reshape(G, k * T)], dim=1),
+                attention_mask=shared_prompt_attention(model, segment_ids),
+                position_ids=torch.cat([prompt_positions, response_positions], dim=1),
+                logits_to_keep=k * T + 1, use_cache=False, output_hidden_states=value_head is not None)
+    # Logit i covers position P - 1 + i. Token t of c_j is predicted at c_j's token t - 1, except t = 0,
+    # which the prompt's last position predicts for every completion.
+    before = torch.arange(k * T, device=device)
+    before[::T] = 0
+    logits = out.logits[:, before].reshape(B, T, -1)
+    labels = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
+    token_logps = token_logps_from_logits(logits, labels, temperature) * batch.response_mask
+    values = entropy = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, P - 1 + before]
+        values = value_head(hidden.reshape(B, T, -1)) * batch.response_mask
+    if with_entropy:
+        entropy = _entropy(logits, temperature, batch.response_mask)
+    return ResponseForward(token_logps, values, entropy)

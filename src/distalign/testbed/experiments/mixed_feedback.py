@@ -31,7 +31,8 @@ from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import load_policy, load_tokenizer
 from distalign.training.irl import train_irl
 from distalign.training.iterative import train_iterative
-from distalign.training.rollout import build_sampler, response_forward
+from distalign.training.rollout import response_forward
+from distalign.training.sampling import build_sampler
 
 from ..lm_data import demonstrations, oracle_win_rate, preference_pairs, write_jsonl
 from ..plotting import line_plot, markdown_table, write_results, write_table

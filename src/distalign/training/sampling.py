@@ -1,0 +1,242 @@
+"""Samplers: draw completions from the current policy; one interface, three backends.
+
+    sampler = build_sampler(tokenizer, cfg.generation, model_path)
+    batch = sampler.sample(policy, [prompt_ids] * k + [other_prompt_ids] * k)   # a SampledBatch
+
+- "hf" (`CachedSampler`, the default): our own decode loop on the model's KV cache. Consecutive rows
+  with the same prompt (a group of k samples) share one prefill, the cache is reserved once for the
+  whole completion and filled in place, and every step's log-prob and entropy of the tempered
+  distribution are kept, so a single-update rollout needs no scoring forward of the policy.
+- "generate" (`GenerateSampler`): `model.generate`, for models whose cache our loop does not handle.
+- "vllm" (`VLLMSampler`): a vLLM engine, weights pushed after each update (GPU only, import-guarded).
+
+All three sample from softmax(logits / T) with optional top-k / top-p; log-probs stored or scored later
+are those of the untruncated tempered distribution, so the two always agree (tests).
+Why our own loop (PERFORMANCE.md, "Online"): on small models `generate` spends most of each decode
+step outside the model, and DynamicCache copies the whole cache at every step (a `torch.cat` per layer).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .rollout import SampledBatch, assemble_batch, left_pad
+
+
+def filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Tempered logits (B, V) with everything outside the top-k / the top-p nucleus set to -inf."""
+    if top_k > 0:
+        kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = scaled.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p        # the first token is always kept
+        scaled = scaled.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return scaled
+
+
+def _groups(prompt_ids: Sequence[Sequence[int]]) -> tuple[list, list[int]]:
+    """Unique prompts (runs of equal consecutive rows) and each row's index among them."""
+    unique, row_group = [], []
+    for i, prompt in enumerate(prompt_ids):
+        if i == 0 or list(prompt) != list(prompt_ids[i - 1]):
+            unique.append(prompt)
+        row_group.append(len(unique) - 1)
+    return unique, row_group
+
+
+def _reserve_cache(cache, rows: Tensor, extra: int):
+    """The prefill cache copied to `rows` (one entry per sample) with room for `extra` positions.
+
+    transformers >= 5 DynamicCache: every layer becomes a `ReservedLayer` (in-place writes). Other caches
+    (sliding-window layers, older transformers) are only re-indexed and keep their own update.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        DynamicLayer = None
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        cache.reorder_cache(rows)
+        return cache
+    reserved_layer = _reserved_layer_class(DynamicLayer)
+    cache.layers = [reserved_layer(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), extra)
+                    for layer in layers]
+    return cache
+
+
+def _reserved_layer_class(base: type) -> type:
+    class ReservedLayer(base):
+        """A DynamicLayer whose keys/values live in a buffer reserved for the whole completion: `update`
+        writes the new positions in place and returns views, instead of concatenating a new copy."""
+
+        def __init__(self, keys: Tensor, values: Tensor, extra: int):
+            super().__init__()
+            B, H, L, _ = keys.shape
+            self._keys = keys.new_empty((B, H, L + extra, keys.shape[-1]))
+            self._values = values.new_empty((B, H, L + extra, values.shape[-1]))
+            self._keys[:, :, :L], self._values[:, :, :L] = keys, values
+            self.length, self.dtype, self.device, self.is_initialized = L, keys.dtype, keys.device, True
+            self.keys, self.values = self._keys[:, :, :L], self._values[:, :, :L]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            end = self.length + key_states.shape[-2]
+            self._keys[:, :, self.length:end] = key_states
+            self._values[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
+class CachedSampler:
+    """Temperature sampling with our own KV-cache decode loop (backend "hf"); see the module docstring.
+
+    `min_new_tokens` forbids EOS before that many tokens (the stored log-probs stay those of the
+    unrestricted distribution, like the scoring forward's).
+    """
+
+    def __init__(self, tokenizer, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 min_new_tokens: int = 0):
+        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if self.pad is None or self.eos is None:
+            raise ValueError("tokenizer: needs both a pad and an EOS token for batched generation")
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.top_k, self.top_p, self.min_new_tokens = top_k, top_p, min_new_tokens
+
+    def choose(self, scaled: Tensor, step: int) -> Tensor:
+        """Next tokens (B,) drawn from tempered logits (B, V) after the EOS ban and top-k / top-p."""
+        if step < self.min_new_tokens:
+            scaled = scaled.clone()
+            scaled[:, self.eos] = float("-inf")
+        # Inverse CDF: one uniform per row; torch.multinomial draws one exponential per vocabulary entry.
+        cdf = filter_logits(scaled, self.top_k, self.top_p).softmax(-1).cumsum(-1)
+        uniform = torch.rand((cdf.shape[0], 1), device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        return torch.searchsorted(cdf, uniform, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+
+    @torch.no_grad()
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+        device = next(model.parameters()).device
+        unique, row_group = _groups(prompt_ids)
+        ids, mask = (t.to(device) for t in left_pad(unique, self.pad))
+        rows = torch.tensor(row_group, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            tokens, logps, entropies = self._decode(model, ids, mask, rows)
+        finally:
+            model.train(was_training)
+        batch = assemble_batch(ids.index_select(0, rows), mask.index_select(0, rows), tokens, self.eos)
+        batch.token_logps = logps * batch.response_mask
+        batch.entropy = entropies * batch.response_mask
+        return batch
+
+    def _decode(self, model, ids: Tensor, mask: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        P, B = ids.shape[1], len(rows)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache = _reserve_cache(out.past_key_values, rows, self.max_new_tokens)
+        logits = out.logits[:, -1].index_select(0, rows)
+        attention = torch.cat([mask.index_select(0, rows), mask.new_ones((B, self.max_new_tokens))], dim=1)
+        next_position = attention[:, :P].sum(-1)
+        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        tokens, logps, entropies = [], [], []
+        for step in range(self.max_new_tokens):
+            scaled = logits.float() / self.temperature
+            log_probs = scaled.log_softmax(-1)
+            token = self.choose(scaled, step).masked_fill(finished, self.pad)
+            tokens.append(token)
+            logps.append(log_probs.gather(-1, token[:, None])[:, 0])
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+            finished |= token == self.eos
+            if step + 1 == self.max_new_tokens or bool(finished.all()):  # one host sync per step, as generate
+                break
+            out = model(input_ids=token[:, None], attention_mask=attention[:, :P + step + 1],
+                        position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+        return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
+
+    def sync_weights(self, model) -> None:
+        """Sampling runs on the live policy, so there is nothing to copy."""
+
+
+class GenerateSampler:
+    """Batched sampling with `model.generate` (backend "generate"); log-probs come from a scoring forward."""
+
+    def __init__(self, tokenizer, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 min_new_tokens: int = 0):
+        from transformers import GenerationConfig
+        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if self.pad is None or self.eos is None:
+            raise ValueError("tokenizer: needs both a pad and an EOS token for batched generation")
+        self.config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       pad_token_id=self.pad, eos_token_id=self.eos,
+                                       bos_token_id=tokenizer.bos_token_id)
+
+    @torch.no_grad()
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+        device = next(model.parameters()).device
+        ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad))
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+        finally:
+            model.train(was_training)
+        return assemble_batch(ids, mask, out[:, ids.shape[1]:], self.eos)
+
+    def sync_weights(self, model) -> None:
+        """`generate` runs on the live policy, so there is nothing to copy."""
+
+
+class VLLMSampler:
+    """The same interface on a vLLM engine; the policy's weights are pushed into it after each update.
+
+    Not exercised by the test suite (vLLM needs a GPU and is not a dependency); import-guarded.
+    """
+
+    def __init__(self, tokenizer, model_path: str, max_new_tokens: int, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0, min_new_tokens: int = 0, gpu_memory_utilization: float = 0.3):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise ImportError("generation.backend=vllm needs the 'vllm' package (pip install vllm, GPU only); "
+                              "use generation.backend=hf") from None
+        self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization)
+        self.params = SamplingParams(temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
+                                     max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                                     stop_token_ids=[self.eos])
+
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+        from vllm.inputs import TokensPrompt
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], self.params,
+                                    use_tqdm=False)
+        responses = [list(o.outputs[0].token_ids) for o in outputs]
+        width = max(1, max(len(r) for r in responses))
+        response_ids = torch.full((len(responses), width), self.pad, dtype=torch.long)
+        for row, r in enumerate(responses):
+            response_ids[row, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        ids, mask = left_pad(prompt_ids, self.pad)
+        device = next(model.parameters()).device
+        return assemble_batch(ids.to(device), mask.to(device), response_ids.to(device), self.eos)
+
+    def sync_weights(self, model) -> None:
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        engine_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
+
+
+def build_sampler(tokenizer, generation, model_path: str):
+    """The sampler named by `generation.backend` ("hf", "generate" or "vllm")."""
+    kwargs = {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
+              "top_k": generation.top_k, "top_p": generation.top_p, "min_new_tokens": generation.min_new_tokens}
+    if generation.backend == "vllm":
+        return VLLMSampler(tokenizer, model_path, **kwargs)
+    if generation.backend == "generate":
+        return GenerateSampler(tokenizer, **kwargs)
+    return CachedSampler(tokenizer, **kwargs)
