@@ -30,6 +30,19 @@ def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def test_train_nash_md_pg_from_example_config(world_dir, tmp_path):
+    """The LM Nash-MD-PG runs from its example config through the CLI (the tabular nash_md has its own)."""
+    out = run("train", "nash_md_pg", "--config", ROOT / "configs" / "nash_md_pg.yaml",
+              f"model.name_or_path={world_dir / 'tiny'}",
+              f"data.train={world_dir / 'data' / 'prompts.jsonl'}",
+              "rewards=[{kind: regex, pattern: 'ka'}]", f"train.output_dir={tmp_path / 'run'}",
+              "train.max_steps=2", "train.batch_size=2", "generation.max_new_tokens=4",
+              "train.progress_bar=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert "train/preference_vs_opponent" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_every_example_config_validates():
     from distalign.config import OfflineConfig, load_config
     from distalign.config.irl import IRL_METHODS, IRLConfig

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from distalign.models import load_policy, load_tokenizer, make_tiny
+from distalign.models import ReferenceModel, load_policy, load_tokenizer, make_tiny
 from distalign.training.rollout import assemble_batch, grouped_response_forward, response_forward
-from distalign.training.sampling import CachedSampler, filter_logits
+from distalign.training.sampling import CachedSampler, MixtureSampler, filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,100 @@ def test_grouped_forward_falls_back_when_rows_are_not_groups(models):
     out = grouped_response_forward(model, shuffled, 2, 0.7)
     assert seen.rows == [6]
     assert torch.allclose(out.token_logps, response_forward(model, shuffled, 0.7).token_logps, atol=1e-6)
+
+
+def biased(model, token: int, amount: float):
+    """Adds `amount` to one token's logit at every position, so that two copies of a model disagree."""
+    def hook(_, __, out):
+        out.logits[..., token] += amount
+        return out
+    model.register_forward_hook(hook)
+    return model
+
+
+def policy_and_reference(path, seed=0):
+    """A policy and a frozen reference that differ in every weight and strongly on tokens 7 and 9."""
+    policy, frozen = biased(load_policy(path), 7, 6.0), biased(load_policy(path), 9, 6.0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return policy, ReferenceModel(policy, frozen.eval())
+
+
+def response_logits(model, batch, temperature):
+    """Full-forward log-probs (B, T, V) of the tempered distribution at each response position."""
+    P, T = batch.prompt_length, batch.response_mask.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits[:, P - 1:P - 1 + T]
+    return (logits.double() / temperature).log_softmax(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_mixture_sampler_stores_the_renormalised_geometric_mixture(models, arch):
+    """beta = 0: the policy's scoring-forward log-probs; beta = 1: the reference's; beta = 0.5: the per-token
+    log_softmax(0.5 log pi + 0.5 log pi_ref) from two full forwards. Each model prefills each prompt once."""
+    tok = load_tokenizer(models[arch])
+    policy, reference = policy_and_reference(models[arch])
+    seen_policy, seen_ref = RowsSeen(policy), RowsSeen(reference.frozen)
+    prompts, T = grouped_prompts(tok, 4), 0.7
+    for mixture in (0.0, 1.0, 0.5):
+        torch.manual_seed(0)
+        batch = MixtureSampler(tok, mixture, reference.context, max_new_tokens=8, temperature=T).sample(
+            policy, prompts)
+        assert batch.token_logps.abs().sum() > 0
+        if mixture in (0.0, 1.0):
+            scorer = policy if mixture == 0.0 else reference.frozen
+            with torch.no_grad():
+                scored = response_forward(scorer, batch, temperature=T).token_logps
+            assert torch.allclose(batch.token_logps, scored, atol=1e-5)
+        mixed = ((1 - mixture) * response_logits(policy, batch, T)
+                 + mixture * response_logits(reference.frozen, batch, T)).log_softmax(-1)
+        expected = mixed.gather(-1, batch.response_ids[..., None])[..., 0] * batch.response_mask
+        assert torch.allclose(batch.token_logps.double(), expected, atol=1e-5)
+        assert seen_policy.rows[0] == seen_ref.rows[0] == 3 and set(seen_ref.rows[1:]) <= {12}
+        seen_policy.rows.clear(), seen_ref.rows.clear()
+
+
+def test_mixture_sampler_draws_follow_the_mixture(models):
+    """4,000 first tokens at beta = 0.5: the policy puts ~0.44 on token 7, the reference ~0.44 on token 9;
+    the mixture gives each ~0.03. Frequencies of {7, 9, rest} within 4 binomial SEs of the mixture's."""
+    tok = load_tokenizer(models["llama"])
+    policy, reference = policy_and_reference(models["llama"])
+    prompt = tok("Hi")["input_ids"]
+    torch.manual_seed(0)
+    batch = MixtureSampler(tok, 0.5, reference.context, max_new_tokens=1, temperature=1.0).sample(
+        policy, [prompt] * 4000)
+    single = assemble_batch(batch.input_ids[:1, :-1], batch.attention_mask[:1, :-1],
+                            batch.response_ids[:1], tok.eos_token_id)
+    mixed = 0.5 * response_logits(policy, single, 1.0) + 0.5 * response_logits(reference.frozen, single, 1.0)
+    probs = mixed.log_softmax(-1)[0, 0].exp()
+    expected = torch.stack([probs[7], probs[9], 1 - probs[7] - probs[9]])
+    first = batch.response_ids[:, 0]
+    observed = torch.stack([(first == 7).double().mean(), (first == 9).double().mean(),
+                            ((first != 7) & (first != 9)).double().mean()])
+    stderr = (expected * (1 - expected) / len(first)).sqrt()
+    assert 0.01 < expected[0] < 0.1 and 0.01 < expected[1] < 0.1
+    assert ((observed - expected).abs() < 4 * stderr).all(), (observed, expected)
+
+
+def test_mixture_sampler_with_a_lora_policy_uses_the_adapter_free_reference(models):
+    """A LoRA policy's reference is the same module with the adapter off, switched per forward."""
+    tok = load_tokenizer(models["llama"])
+    base, policy = load_policy(models["llama"]), load_policy(models["llama"], lora={"r": 4, "alpha": 8})
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    reference = ReferenceModel.for_policy(policy)
+    for mixture, scorer in ((1.0, base), (0.0, policy)):
+        torch.manual_seed(0)
+        batch = MixtureSampler(tok, mixture, reference.context, max_new_tokens=6, temperature=1.0).sample(
+            policy, grouped_prompts(tok, 2))
+        with torch.no_grad():
+            scored = response_forward(scorer, batch, temperature=1.0).token_logps
+        assert torch.allclose(batch.token_logps, scored, atol=1e-5)
+    with torch.no_grad():   # the adapter is on again after sampling
+        assert not torch.allclose(response_forward(policy, batch).token_logps,
+                                  response_forward(base, batch).token_logps, atol=1e-3)

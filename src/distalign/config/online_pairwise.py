@@ -2,12 +2,13 @@
 and Nash learning (SPEC §2 "Online").
 
     cfg = load_config(OnlinePairwiseConfig, "configs/rebel.yaml", ["train.max_steps=50"])
-    train_online_pairwise(cfg)          # online_dpo, online_distill, rebel, pmle_online
+    train_online_pairwise(cfg)          # online_dpo, online_distill, rebel, pmle_online, nash_md_pg
     train_iterative(cfg)                # spin, spac, rpo_demos
-    train_nash(load_config(NashConfig, "configs/nash_md.yaml"))
+    train_nash(load_config(NashConfig, "configs/nash_md.yaml"))        # tabular Nash-MD (no language model)
 
 One step of the online methods = `train.batch_size` prompts x `generation.num_samples` fresh samples
-(pmle_online: a batch of dataset pairs plus fresh samples at their prompts for the KL term).
+(pmle_online: a batch of dataset pairs plus fresh samples at their prompts for the KL term; nash_md_pg:
+as many again from the mixture opponent).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from .online import GenerationConfig, RewardSpec
 from .schema import DataConfig, ModelConfig, OptimConfig, RunConfig, _f
 
 ONLINE_PAIRWISE_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac", "nash_md",
-                           "rpo_demos")
-LOOP_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online")
+                           "rpo_demos", "nash_md_pg")
+LOOP_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "nash_md_pg")
 ITERATIVE_METHODS = ("spin", "spac", "rpo_demos")
 NEEDS_PAIRS = ("pmle_online", "spac", "rpo_demos")
 NEEDS_DEMOS = ("spin", "spac", "rpo_demos")
-NEEDS_SCORES = ("online_dpo", "online_distill", "rebel")
+NEEDS_SCORES = ("online_dpo", "online_distill", "rebel", "nash_md_pg")
+JUDGED = ("online_dpo", "nash_md_pg")              # a pairwise judge may stand in for the reward sources
 
 
 @dataclass
@@ -40,8 +42,11 @@ class PairwiseLossConfig:
     beta: float = _f(0.1, "DPO / SPIN / SPAC / RPO inverse temperature on the log-ratio margin")
     gamma: float = _f(1.0, "PMLE / distillation preference sharpness (seed 001 Eq. 3)")
     eta: float = _f(1.0, "REBEL: regress the log-ratio gap onto eta * (R(a) - R(b)) (seed 001 Eq. 10)")
-    kl_coef: float = _f(0.05, "beta of KL(pi||pi0): score-function term (online_distill, pmle_online), "
-                              "folded into the reward (rebel); 0 skips the reference")
+    kl_coef: float = _f(0.05, "beta of KL(pi||pi0) (Nash-MD's tau): score-function term (online_distill, "
+                              "pmle_online, nash_md_pg), folded into the reward (rebel); 0 skips "
+                              "it (and the reference unless the mixture uses it)")
+    mixture: float = _f(0.125, "nash_md_pg: beta of the opponent pi_mix ∝ pi^(1-beta) pi_ref^beta, in "
+                               "[0, 1]; 0 = self-play (Munos et al. 2024 Sec. 7: 0.125 did best)")
     alpha: float = _f(1.0, "weight of the preference-pair term (spac, rpo_demos)")
 
     def validate(self):
@@ -51,6 +56,8 @@ class PairwiseLossConfig:
         for name in ("kl_coef", "alpha"):
             if getattr(self, name) < 0:
                 raise ValueError(name, "must be >= 0")
+        if not 0.0 <= self.mixture <= 1.0:
+            raise ValueError("mixture", f"must be in [0, 1], got {self.mixture}")
 
 
 @dataclass
@@ -69,8 +76,9 @@ class OnlinePairwiseConfig:
                      choices=tuple(m for m in ONLINE_PAIRWISE_METHODS if m != "nash_md"))
     model: ModelConfig = _f(help="the policy", factory=ModelConfig)
     reference: str | None = _f(None, "reference model path/id; default: the policy's initial weights")
-    data: PromptDataConfig = _f(help="prompts for fresh samples (online_dpo, online_distill, rebel) and the "
-                                     "length limits of every file", factory=PromptDataConfig)
+    data: PromptDataConfig = _f(help="prompts for fresh samples (online_dpo, online_distill, rebel, "
+                                     "nash_md_pg) and the length limits of every file",
+                                factory=PromptDataConfig)
     pairs: str | None = _f(None, "preference pairs file (pmle_online, spac, rpo_demos)")
     demonstrations: str | None = _f(None, "demonstrations file (spin, spac, rpo_demos)")
     optim: OptimConfig = _f(help="optimiser and schedule", factory=OptimConfig)
@@ -80,9 +88,10 @@ class OnlinePairwiseConfig:
                                            "the unbiased KL of pmle_online / online_distill)",
                                       factory=lambda: GenerationConfig(num_samples=2))
     rewards: list[RewardSpec] = _f(help="reward sources scoring fresh samples (labels of online_dpo, soft "
-                                        "labels of online_distill, regression target of rebel)", factory=list)
-    judge: str | None = _f(None, "online_dpo: 'module:function' fn(prompts, a, b) -> list of P(a > b); "
-                                 "used instead of the rewards")
+                                        "labels of online_distill, regression target of rebel, "
+                                        "preference sigma(R(y) - R(y')) of nash_md_pg)", factory=list)
+    judge: str | None = _f(None, "online_dpo, nash_md_pg: 'module:function' fn(prompts, a, b) -> list of "
+                                 "P(a > b) (may be non-transitive); used instead of the rewards")
     loss: PairwiseLossConfig = _f(help="objective hyperparameters", factory=PairwiseLossConfig)
     update_epochs: int = _f(1, "passes over each rollout (REBEL's several epochs per batch)")
     iteration: IterationConfig = _f(help="outer loop of the iterative methods", factory=IterationConfig)
@@ -94,16 +103,18 @@ class OnlinePairwiseConfig:
             raise ValueError("pairs", f"method {self.method} needs a preference pairs file")
         if self.method in NEEDS_DEMOS and not self.demonstrations:
             raise ValueError("demonstrations", f"method {self.method} needs a demonstrations file")
-        if self.method in NEEDS_SCORES and not self.rewards and not (self.method == "online_dpo" and self.judge):
+        if self.method in NEEDS_SCORES and not self.rewards and not (self.method in JUDGED and self.judge):
             raise ValueError("rewards", f"method {self.method} needs at least one reward source (or a judge)")
         if self.method in NEEDS_SCORES and not self.data.train:
             raise ValueError("data", "train: method needs a prompts file")
         k = self.generation.num_samples
-        if self.method in LOOP_METHODS and (k < 2 or (k % 2 and self.method != "pmle_online")):
-            raise ValueError("generation", f"num_samples: {self.method} pairs consecutive samples of a prompt, "
-                                           f"so it needs an even number >= 2, got {k}")
-        if self.update_epochs < 1:
-            raise ValueError("update_epochs", "must be >= 1")
+        pairs_samples = self.method not in ("pmle_online", "nash_md_pg")   # consecutive samples form pairs
+        if self.method in LOOP_METHODS and (k < 2 or (k % 2 and pairs_samples)):
+            raise ValueError("generation", f"num_samples: {self.method} needs >= 2 samples per prompt (an "
+                                           f"even number where consecutive samples form pairs), got {k}")
+        if self.update_epochs < 1 or (self.update_epochs > 1 and self.method == "nash_md_pg"):
+            raise ValueError("update_epochs", "must be >= 1 (exactly 1 for nash_md_pg, whose policy gradient "
+                                              "has no importance ratio for a second pass)")
 
 
 @dataclass

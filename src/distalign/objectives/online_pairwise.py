@@ -1,5 +1,6 @@
 """Objectives of the online pairwise and iterative methods: REBEL, SPIN, SPAC, RPO with demonstrations,
-the IRL / AIHF reward loss and Nash mirror descent. Pure functions of log-prob / reward tensors.
+the IRL / AIHF reward loss and Nash mirror descent (exact on a table; Nash-MD-PG on sampled responses).
+Pure functions of log-prob / reward tensors.
 
 Notation: a, b are two responses to the same prompt; `policy_*_logps` are summed response log-probs
 log pi(y|x) (B,); `old_*` the same under the policy that generated the samples (no grad), `ref_*`
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kl import score_function_kl
 from .pairwise import dpo_loss
 
 
@@ -124,3 +126,23 @@ def nash_md_step(policy_logps: Tensor, ref_logps: Tensor, pref: Tensor, eta: flo
     mix_logps = geometric_mixture(policy_logps, ref_logps, eta * tau)
     win_vs_mix = (pref @ mix_logps.exp().unsqueeze(-1)).squeeze(-1)
     return torch.log_softmax(mix_logps + eta * win_vs_mix, dim=-1)
+
+
+def nash_md_pg_loss(policy_logps: Tensor, ref_logps: Tensor | None, pref: Tensor, tau: float = 0.0,
+                    group_size: int = 1) -> Tensor:
+    """Nash-MD-PG (Munos et al. 2024, Sec. 7; tutorial seed 002 Protocol 7): the policy-gradient form of a
+    Nash mirror-descent step for a language model, on y ~ pi(.|x) and its opponent y' ~ pi_mix(.|x):
+
+        -(P(y > y' | x) - 1/2) log pi(y|x)  +  tau (l - b) log pi(y|x),   l = log pi(y|x) - log pi_ref(y|x)
+
+    Its gradient is an unbiased estimate of -grad_pi [P(pi > pi_mix) - tau KL(pi || pi_ref)] with the opponent
+    pi_mix (the geometric mixture pi^(1-beta) pi_ref^beta, sampled by `training.sampling.MixtureSampler`)
+    held fixed. P is a label (no gradient): sigma(R(y) - R(y')) or a judge's, possibly non-transitive. The
+    baseline 1/2 is P's value when pi = pi_mix (the symmetric game's value); like any constant it adds no
+    bias because E_pi[grad log pi] = 0. The KL term is `score_function_kl` (b = leave-one-out mean of l over
+    each prompt's `group_size` samples). Shapes (B,); ref_logps may be None when tau = 0; returns (B,).
+    """
+    loss = -(pref.detach() - 0.5) * policy_logps
+    if tau:
+        loss = loss + tau * score_function_kl(policy_logps, ref_logps, group_size)
+    return loss

@@ -12,7 +12,9 @@ the tau-regularised equilibrium; we report each policy's exploitability max_y P(
 total-variation distance to pi_NE (computed by a linear program).
 
 Simplification: the pairwise preference model is the exact label probability table of the annotators
-(no learned preference model), and the policy is a table, not a language model.
+(no learned preference model), and the policy is a table, not a language model. For a Hugging Face causal
+LM use the sampled form, Nash-MD-PG: `distalign train nash_md_pg` (`training.online_pairwise`,
+`objectives.nash_md_pg_loss`, the token-level mixture opponent `training.sampling.MixtureSampler`).
 """
 from __future__ import annotations
 

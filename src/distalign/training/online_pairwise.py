@@ -13,6 +13,10 @@ Methods (consecutive samples 2i, 2i+1 of a prompt form the pair (a, b)):
 - pmle_online (seed 001 Eq. 5): `pmle_loss` on a batch of DATASET pairs plus kl_coef * KL(pi||pi0) on
   `num_samples` fresh samples at each pair's prompt, again by the score-function estimator (the gradient
   of a sampled k1 value is wrong; see `objectives.score_function_kl`).
+- nash_md_pg (Munos et al. 2024 Sec. 7): each of the `num_samples` samples y ~ pi of a prompt meets its own
+  opponent y' ~ pi_mix ∝ pi^(1-mixture) pi0^mixture (token-level, `MixtureSampler`); P(y > y') from a judge
+  or sigma(R(y) - R(y')); policy gradient (P - 1/2) grad log pi(y) plus kl_coef * KL(pi||pi0) as above
+  (`nash_md_pg_loss`). The tabular, exact Nash-MD is `training.nash`.
 Log-probs of samples are taken at the sampling temperature, so they are the sampler's own. Prompt order
 and RNG are checkpointed, so a resumed run repeats the uninterrupted one on CPU. Single process.
 """
@@ -27,7 +31,7 @@ from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps, save_model
 from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss, score_function_kl
-from distalign.objectives.online_pairwise import orient_pairs, rebel_loss
+from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
 from distalign.rewards import build_reward, import_callable
 
 from .checkpoint import begin_run, save_checkpoint
@@ -42,7 +46,7 @@ from .common import (
 )
 from .online import prompt_order, prompt_text
 from .rollout import SampledBatch, response_forward
-from .sampling import build_sampler
+from .sampling import MixtureSampler, build_sampler, sampler_options
 
 
 class PolicySession:
@@ -112,8 +116,14 @@ class PolicySession:
 class OnlinePairwiseTrainer(PolicySession):
     def __init__(self, cfg: OnlinePairwiseConfig, log=print):
         self.method, self.k = cfg.method, cfg.generation.num_samples
-        needs_reference = cfg.method == "online_dpo" or cfg.loss.kl_coef > 0
+        mixture = cfg.loss.mixture if cfg.method == "nash_md_pg" else 0.0
+        needs_reference = cfg.method == "online_dpo" or cfg.loss.kl_coef > 0 or mixture > 0
         super().__init__(cfg, 1, needs_reference, log)
+        # Nash-MD-PG's opponent; with mixture 0 it is the policy itself (self-play), drawn by `sampler`.
+        self.opponent_sampler = self.sampler
+        if mixture > 0:
+            self.opponent_sampler = MixtureSampler(self.tokenizer, mixture, self.reference.context,
+                                                   **sampler_options(cfg.generation))
         kind, path = ("pairs", cfg.pairs) if cfg.method == "pmle_online" else ("prompts", cfg.data.train)
         self.records = self.load(path, kind)
         t = cfg.train
@@ -129,16 +139,22 @@ class OnlinePairwiseTrainer(PolicySession):
         scores = self.reward(prompts, texts, rows).to(self.device) if self.reward is not None else None
         return scores, prompts, texts
 
+    def judged(self, prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
+        """The judge's P(a > b) per pair (B,)."""
+        return torch.tensor(list(self.judge(prompts, a, b)), dtype=torch.float32, device=self.device)
+
     def labels(self, scores, prompts, texts) -> tuple[torch.Tensor, torch.Tensor]:
         """online_dpo: (a_wins, keep) per pair; reward ties carry no label and are dropped."""
         if self.judge is not None:
-            p = torch.tensor(list(self.judge(prompts[0::2], texts[0::2], texts[1::2])), dtype=torch.float32)
-            return (p >= 0.5).to(self.device), torch.ones_like(p, dtype=torch.bool, device=self.device)
+            p = self.judged(prompts[0::2], texts[0::2], texts[1::2])
+            return p >= 0.5, torch.ones_like(p, dtype=torch.bool)
         return scores[0::2] > scores[1::2], scores[0::2] != scores[1::2]
 
     def train_step(self, step: int) -> dict:
         if self.method == "pmle_online":
             return self.pmle_step(step)
+        if self.method == "nash_md_pg":
+            return self.nash_step(step)
         records = self.batch_of(self.records, step)
         batch = self.sample([r.prompt_ids for r in records], self.k)
         scores, prompts, texts = self.score(records, batch)
@@ -196,6 +212,28 @@ class OnlinePairwiseTrainer(PolicySession):
         metrics.update(self.optimizer_step(loss, step))
         return metrics
 
+    def nash_step(self, step: int) -> dict:
+        """One on-policy Nash-MD-PG update; y and y' are two separate samplers' draws at the same prompts."""
+        records = self.batch_of(self.records, step)
+        prompt_ids = [r.prompt_ids for r in records for _ in range(self.k)]
+        batch = self.sampler.sample(self.policy, prompt_ids)
+        opponents = self.opponent_sampler.sample(self.policy, prompt_ids)
+        scores, prompts, texts = self.score(records, batch)
+        opponent_scores, _, opponent_texts = self.score(records, opponents)
+        pref = (self.judged(prompts, texts, opponent_texts) if self.judge is not None
+                else torch.sigmoid(scores - opponent_scores))
+        logps = self.logps(batch)
+        ref = self.ref_logps(batch) if self.cfg.loss.kl_coef > 0 else None
+        loss = nash_md_pg_loss(logps, ref, pref, self.cfg.loss.kl_coef, self.k).mean()
+        metrics = {"preference_vs_opponent": pref.mean(),
+                   "response_length": batch.response_mask.sum(-1).float().mean()}
+        if ref is not None:
+            metrics["kl"] = kl_estimate(logps.detach(), ref).mean()
+        if scores is not None:
+            metrics["reward_mean"] = scores.mean()
+        metrics.update(self.optimizer_step(loss, step))
+        return metrics
+
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
@@ -223,5 +261,6 @@ class OnlinePairwiseTrainer(PolicySession):
 
 
 def train_online_pairwise(config: OnlinePairwiseConfig, log=print) -> dict:
-    """online_dpo, online_distill, rebel or pmle_online from a validated config; paths, history, metrics."""
+    """online_dpo, online_distill, rebel, pmle_online or nash_md_pg from a validated config; paths, history,
+    metrics."""
     return OnlinePairwiseTrainer(config, log=log).train()

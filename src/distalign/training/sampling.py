@@ -10,6 +10,10 @@
 - "generate" (`GenerateSampler`): `model.generate`, for models whose cache our loop does not handle.
 - "vllm" (`VLLMSampler`): a vLLM engine, weights pushed after each update (GPU only, import-guarded).
 
+`MixtureSampler` (Nash-MD's opponent) runs `CachedSampler`'s loop on the policy and the reference at
+once and draws from their per-token geometric mixture, behind the same interface:
+`MixtureSampler(tokenizer, 0.125, reference.context, max_new_tokens=64, temperature=1.0).sample(policy, ids)`.
+
 All three sample from softmax(logits / T) with optional top-k / top-p; log-probs stored or scored later
 are those of the untruncated tempered distribution, so the two always agree (tests).
 Why our own loop (PERFORMANCE.md, "Online"): on small models `generate` spends most of each decode
@@ -21,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from distalign.objectives import geometric_mixture
 
 from .rollout import SampledBatch, assemble_batch, left_pad
 
@@ -120,6 +126,14 @@ class CachedSampler:
 
     @torch.no_grad()
     def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+        return self._sample(model, [model], prompt_ids)
+
+    def distribution(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(what `choose` draws from, its log-probs) at one step, from each forward's last logits (B, V)."""
+        scaled = logits[0].float() / self.temperature
+        return scaled, scaled.log_softmax(-1)
+
+    def _sample(self, model, forwards: list, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
         device = next(model.parameters()).device
         unique, row_group = _groups(prompt_ids)
         ids, mask = (t.to(device) for t in left_pad(unique, self.pad))
@@ -127,7 +141,7 @@ class CachedSampler:
         was_training = model.training
         model.eval()
         try:
-            tokens, logps, entropies = self._decode(model, ids, mask, rows)
+            tokens, logps, entropies = self._decode(forwards, ids, mask, rows)
         finally:
             model.train(was_training)
         batch = assemble_batch(ids.index_select(0, rows), mask.index_select(0, rows), tokens, self.eos)
@@ -135,19 +149,22 @@ class CachedSampler:
         batch.entropy = entropies * batch.response_mask
         return batch
 
-    def _decode(self, model, ids: Tensor, mask: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _decode(self, forwards: list, ids: Tensor, mask: Tensor, rows: Tensor) -> tuple[Tensor, ...]:
+        """Decode with every forward in lockstep, each on its own reserved cache, all fed the token drawn
+        from `distribution` of their logits. One forward for plain sampling, two for a mixture."""
         P, B = ids.shape[1], len(rows)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-        cache = _reserve_cache(out.past_key_values, rows, self.max_new_tokens)
-        logits = out.logits[:, -1].index_select(0, rows)
+        caches, logits = [], []
+        for forward in forwards:
+            out = forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                          use_cache=True, logits_to_keep=1)
+            caches.append(_reserve_cache(out.past_key_values, rows, self.max_new_tokens))
+            logits.append(out.logits[:, -1].index_select(0, rows))
         attention = torch.cat([mask.index_select(0, rows), mask.new_ones((B, self.max_new_tokens))], dim=1)
         next_position = attention[:, :P].sum(-1)
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
         tokens, logps, entropies = [], [], []
         for step in range(self.max_new_tokens):
-            scaled = logits.float() / self.temperature
-            log_probs = scaled.log_softmax(-1)
+            scaled, log_probs = self.distribution(logits)
             token = self.choose(scaled, step).masked_fill(finished, self.pad)
             tokens.append(token)
             logps.append(log_probs.gather(-1, token[:, None])[:, 0])
@@ -155,13 +172,45 @@ class CachedSampler:
             finished |= token == self.eos
             if step + 1 == self.max_new_tokens or bool(finished.all()):  # one host sync per step, as generate
                 break
-            out = model(input_ids=token[:, None], attention_mask=attention[:, :P + step + 1],
-                        position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1]
+            logits = [forward(input_ids=token[:, None], attention_mask=attention[:, :P + step + 1],
+                              position_ids=(next_position + step)[:, None], past_key_values=cache,
+                              use_cache=True).logits[:, -1]
+                      for forward, cache in zip(forwards, caches)]
         return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
 
     def sync_weights(self, model) -> None:
         """Sampling runs on the live policy, so there is nothing to copy."""
+
+
+class MixtureSampler(CachedSampler):
+    """Nash-MD's opponent (Munos et al. 2024, Sec. 7): y' drawn token by token from the geometric mixture
+
+        pi_mix(. | x, y'_<t) ∝ pi(. | x, y'_<t)^(1 - beta) pi_ref(. | x, y'_<t)^beta   (both at temperature T)
+
+    with the policy and the reference decoded in lockstep on two caches, both fed the drawn token. The
+    sequence-level mixture pi^(1-beta) pi_ref^beta / Z is intractable to sample; this per-token
+    renormalised one is the paper's practical stand-in. Stored `token_logps` / `entropy` are the mixture's.
+    It is this loop whatever `generation.backend` says: `generate` and vLLM cannot mix two models per token.
+    """
+
+    def __init__(self, tokenizer, mixture: float, reference_context, max_new_tokens: int, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0):
+        """`reference_context()` yields the reference module (`ReferenceModel.context`)."""
+        super().__init__(tokenizer, max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        self.mixture, self.reference_context = mixture, reference_context
+
+    def distribution(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
+        policy, ref = ((z.float() / self.temperature).log_softmax(-1) for z in logits)
+        mixed = geometric_mixture(policy, ref, self.mixture)
+        return mixed, mixed
+
+    @torch.no_grad()
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+        # The context is entered per forward: a LoRA policy's reference is the same module, adapter off.
+        def reference(**inputs):
+            with self.reference_context() as ref:
+                return ref(**inputs)
+        return self._sample(model, [model, reference], prompt_ids)
 
 
 class GenerateSampler:
@@ -231,10 +280,15 @@ class VLLMSampler:
         engine_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
 
 
+def sampler_options(generation) -> dict:
+    """The keyword arguments every sampler takes, from a `GenerationConfig`."""
+    return {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
+            "top_k": generation.top_k, "top_p": generation.top_p, "min_new_tokens": generation.min_new_tokens}
+
+
 def build_sampler(tokenizer, generation, model_path: str):
     """The sampler named by `generation.backend` ("hf", "generate" or "vllm")."""
-    kwargs = {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
-              "top_k": generation.top_k, "top_p": generation.top_p, "min_new_tokens": generation.min_new_tokens}
+    kwargs = sampler_options(generation)
     if generation.backend == "vllm":
         return VLLMSampler(tokenizer, model_path, **kwargs)
     if generation.backend == "generate":
