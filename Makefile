@@ -27,6 +27,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/offline_pairwise.py
+	$(BIN)/python benchmarks/online.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -2,6 +2,7 @@
 
     python benchmarks/offline_pairwise.py                 # tiny + medium Llama, 30 timed steps each
     python benchmarks/offline_pairwise.py --sizes tiny --steps 10
+    python benchmarks/offline_pairwise.py --sizes tiny --rounds 3    # medians over 3 alternations
 
 Each side runs in its own subprocess (so peak RSS is its own), sides alternate, and the script
 prints pairs/s, unique tokens/s, peak RSS, the ratios, and useful FLOP/s against the matmul peak
@@ -27,6 +28,9 @@ from pathlib import Path
 SIZES = {"tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688),
          "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376)}
 BATCH, MAX_LENGTH, LR = 8, 128, 1e-6
+# distalign: defaults; -precomputed: reference log-probs computed once before training (cost charged
+# below); -grouped: that plus group_by_length (batches of similar length, less padding).
+KINDS = ("trl", "distalign", "distalign-precomputed", "distalign-grouped")
 
 
 def build_world(root: Path, sizes: list[str], n_pairs: int, seed: int = 0) -> dict:
@@ -60,20 +64,21 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embed)
 
 
-def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, precompute: bool) -> dict:
+def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, precompute: bool,
+                  group_by_length: bool = False) -> dict:
     import torch
     from distalign.config import load_config, OfflineConfig
     from distalign.training.offline import OfflineTrainer
     cfg = load_config(OfflineConfig, None, [
         "method=dpo", f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={MAX_LENGTH}",
         "data.max_prompt_length=96", f"train.batch_size={BATCH}", f"train.max_steps={warmup + steps}",
-        f"train.output_dir={out}", f"optim.learning_rate={LR}", "train.progress_bar=false"])
+        f"train.output_dir={out}", f"optim.learning_rate={LR}", "train.progress_bar=false",
+        f"group_by_length={group_by_length}"])
     trainer = OfflineTrainer(cfg, log=lambda *a: None)
     precompute_s = 0.0
     if precompute:  # once per dataset: its cost is amortised over every pair it serves (one epoch)
-        from distalign.training.reference_cache import precompute_reference_logps
         t0 = time.perf_counter()
-        trainer.ref_cache = precompute_reference_logps(trainer, trainer.train_records)
+        trainer.precompute_reference()
         precompute_s = time.perf_counter() - t0
     times = []
     for step in range(warmup + steps):
@@ -132,7 +137,7 @@ def worker(args) -> None:
         result = run_trl(args.model, args.data, args.warmup, args.steps, args.out)
     else:
         result = run_distalign(args.model, args.data, args.warmup, args.steps, args.out,
-                               args.worker == "distalign-precomputed")
+                               args.worker != "distalign", args.worker == "distalign-grouped")
     print("RESULT " + json.dumps(result))
 
 
@@ -154,36 +159,45 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--worker", choices=("distalign", "distalign-precomputed", "trl"))
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation (noisy machines)")
+    parser.add_argument("--worker", choices=KINDS)
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     sizes = args.sizes.split(",")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     peak = matmul_peak_gflops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         world = build_world(tmp, sizes, args.pairs)
         for size in sizes:
-            results = {}
-            for kind in ("trl", "distalign", "distalign-precomputed"):  # alternate sides, one process each
-                results[kind] = launch(kind, world["models"][size], world["data"], args.warmup, args.steps, tmp)
-            base = results["distalign"]
+            runs = {kind: [] for kind in KINDS}
+            for _ in range(args.rounds):
+                for kind in KINDS:  # alternate sides, one process each
+                    runs[kind].append(launch(kind, world["models"][size], world["data"], args.warmup, args.steps,
+                                             tmp))
+            base = runs["distalign"][0]
             tokens, n = base["tokens_per_pair"], base["non_embedding_params"]
-            trl_pairs = BATCH / statistics.median(results["trl"]["step_times"])
-            for kind, r in results.items():
-                seconds_per_pair = statistics.median(r["step_times"]) / BATCH
-                seconds_per_pair += r.get("precompute_s", 0.0) / r.get("n_pairs", 1)
-                pairs_s = 1.0 / seconds_per_pair
-                useful = pairs_s * tokens * 8 * n / 1e9
-                rows.append((size, kind, pairs_s, pairs_s * tokens, r["peak_rss_mb"], pairs_s / trl_pairs,
-                             r["peak_rss_mb"] / results["trl"]["peak_rss_mb"], useful / peak))
-    print(f"\nmatmul peak (2000x256 @ 256x688, fp32): {peak:.1f} GFLOP/s; threads: {results['distalign']['threads']}")
-    print("| size | implementation | pairs/s | unique tokens/s | peak RSS MB | pairs/s vs TRL | RSS vs TRL | useful FLOP/s / peak |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size, kind, pairs_s, tok_s, rss, ratio, rss_ratio, util in rows:
-        print(f"| {size} | {kind} | {pairs_s:.2f} | {tok_s:.0f} | {rss:.0f} | {ratio:.2f}x | {rss_ratio:.2f}x | {util:.0%} |")
+            # Seconds per pair of each run: median step / batch, plus the precompute spread over one epoch.
+            per_pair = {kind: statistics.median(statistics.median(r["step_times"]) / BATCH
+                                                + r.get("precompute_s", 0.0) / r.get("n_pairs", 1) for r in rs)
+                        for kind, rs in runs.items()}
+            rss = {kind: max(r["peak_rss_mb"] for r in rs) for kind, rs in runs.items()}
+            for kind in KINDS:
+                pairs_s = 1.0 / per_pair[kind]
+                precompute = statistics.median(r.get("precompute_s", 0.0) for r in runs[kind])
+                rows.append((size, kind, pairs_s, pairs_s * tokens, rss[kind], per_pair["trl"] / per_pair[kind],
+                             rss[kind] / rss["trl"], pairs_s * tokens * 8 * n / 1e9 / peak, precompute))
+    print(f"\nmatmul peak (2000x256 @ 256x688, fp32): {peak:.1f} GFLOP/s; threads: {base['threads']}; "
+          f"{args.rounds} round(s), medians; load at start: {load}")
+    print("| size | implementation | pairs/s | unique tokens/s | peak RSS MB | pairs/s vs TRL | RSS vs TRL "
+          "| useful FLOP/s / peak | reference precompute s (charged over 1 epoch) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, kind, pairs_s, tok_s, rss, ratio, rss_ratio, util, precompute in rows:
+        print(f"| {size} | {kind} | {pairs_s:.2f} | {tok_s:.0f} | {rss:.0f} | {ratio:.2f}x | {rss_ratio:.2f}x "
+              f"| {util:.0%} | {precompute:.1f} |")
 
 
 if __name__ == "__main__":

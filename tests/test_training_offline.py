@@ -101,6 +101,39 @@ def test_precomputed_reference_matches_on_the_fly(world_dir, tmp_path, monkeypat
         torch.testing.assert_close(a["loss"], b["loss"], atol=1e-5, rtol=1e-5)
 
 
+def test_precompute_caches_eval_pairs_too_and_frees_the_frozen_reference(world_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path / "cache"))
+    pairs = world_dir / "data" / "pairs.jsonl"
+    live = trainer(world_dir, "dpo", tmp_path / "live", f"data.eval={pairs}")
+    cached = trainer(world_dir, "dpo", tmp_path / "cached", f"data.eval={pairs}", "precompute_reference=true")
+    assert cached.reference is None and live.reference is not None
+    live.train_step(0), cached.train_step(0)  # at step 0 policy == reference: delta ties are float noise
+    ours, theirs = cached.evaluate(), live.evaluate()
+    assert ours.keys() == theirs.keys() and "eval/margin" in ours
+    assert all(ours[k] == pytest.approx(theirs[k], abs=1e-5) for k in ours), (ours, theirs)
+
+
+def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
+    from distalign.training.offline import Batches
+    lengths = torch.randint(10, 200, (1000,), generator=torch.Generator().manual_seed(0))
+    grouped = Batches(1000, 4, 2, 2, 0, seed=3, lengths=lengths)
+    plain = Batches(1000, 4, 2, 2, 0, seed=3)
+    epoch = grouped.order(0)
+    assert sorted(epoch.tolist()) == sorted(plain.order(0).tolist())  # the same examples, each once
+    assert not torch.equal(epoch, grouped.order(1)) and torch.equal(epoch, Batches(
+        1000, 4, 2, 2, 0, seed=3, lengths=lengths).order(0))
+
+    def padding(batches):  # padded minus real tokens over an epoch's micro-batches, all ranks
+        total = 0
+        for step in range(batches.steps_per_epoch):
+            for rank in (0, 1):
+                batches.rank = rank
+                for micro in batches.micro_batches(0, step):
+                    total += int(lengths[micro].max() * len(micro) - lengths[micro].sum())
+        return total
+    assert padding(grouped) < 0.1 * padding(plain)
+
+
 def test_lora_dpo_uses_adapter_disabled_reference(world_dir, tmp_path):
     t = trainer(world_dir, "dpo", tmp_path / "lora", "train.max_steps=3", "model.lora.r=4",
                 "model.lora.target_modules=all-linear")

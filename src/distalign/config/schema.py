@@ -102,6 +102,8 @@ class OfflineConfig:
                     factory=dict)
     share_prompt: bool = _f(True, "one row [prompt|chosen|rejected] with a 4D mask instead of two rows")
     precompute_reference: bool = _f(False, "compute reference log-probs once before training and cache them")
+    group_by_length: bool = _f(False, "batch examples of similar length (runs of 50 batches sorted, batches "
+                                       "shuffled): less padding, same randomness of order across batches")
 
     def validate(self):
         if not self.method:

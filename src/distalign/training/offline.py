@@ -21,7 +21,15 @@ from distalign.config import OfflineConfig, to_dict
 from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
 from .checkpoint import begin_run, save_checkpoint
-from .common import MetricsLogger, build_optimizer, build_scheduler, check_finite, load_records, set_seed
+from .common import (
+    MetricsLogger,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    load_records,
+    record_length,
+    set_seed,
+)
 from .reference_cache import precompute_reference_logps
 from .tasks import build_task
 
@@ -32,28 +40,49 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+LENGTH_GROUP = 50  # global batches sorted together by `group_by_length`
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator)
 
 
 class Batches:
-    """Global batches of example indices; process `rank` gets its contiguous share of each micro-batch."""
+    """Global batches of example indices; process `rank` gets its contiguous share of each micro-batch.
 
-    def __init__(self, n: int, per_process: int, accumulation: int, world: int, rank: int, seed: int):
+    With `lengths`, each run of `LENGTH_GROUP` global batches of the permutation is sorted by length
+    before it is cut into batches, and the batches are then shuffled: batch members have similar
+    lengths (little padding) while the order stays random and a function of (seed, epoch) only.
+    """
+
+    def __init__(self, n: int, per_process: int, accumulation: int, world: int, rank: int, seed: int,
+                 lengths: torch.Tensor | None = None):
         self.n, self.per_process, self.accumulation = n, per_process, accumulation
-        self.world, self.rank, self.seed = world, rank, seed
+        self.world, self.rank, self.seed, self.lengths = world, rank, seed, lengths
         self.global_batch = per_process * accumulation * world
         self.steps_per_epoch = n // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{n} training examples are fewer than one global batch of {self.global_batch} "
                              "(batch_size x gradient_accumulation_steps x processes)")
+        self._order = (-1, None)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order[0] != epoch:
+            order = epoch_order(self.n, self.seed, epoch)[:self.steps_per_epoch * self.global_batch]
+            if self.lengths is not None:
+                runs = [run[self.lengths[run].argsort(descending=True, stable=True)]
+                        for run in order.split(LENGTH_GROUP * self.global_batch)]
+                batches = torch.cat(runs).view(-1, self.global_batch)
+                order = batches[epoch_order(len(batches), self.seed + 1, epoch)].flatten()
+            self._order = (epoch, order)
+        return self._order[1]
 
     def micro_batches(self, epoch: int, step_in_epoch: int) -> list[torch.Tensor]:
         """Index tensors of this process's micro-batches for optimizer step `step_in_epoch` of `epoch`."""
-        order = epoch_order(self.n, self.seed, epoch)
         start = step_in_epoch * self.global_batch
-        chunk = order[start:start + self.global_batch].view(self.accumulation, self.world, self.per_process)
+        chunk = self.order(epoch)[start:start + self.global_batch].view(self.accumulation, self.world,
+                                                                        self.per_process)
         return [chunk[i, self.rank] for i in range(self.accumulation)]
 
 
@@ -79,15 +108,25 @@ class OfflineTrainer:
         self.model = self._load_model()
         self.reference = self._load_reference() if self.task.needs_reference else None
         t = cfg.train
+        lengths = torch.tensor([record_length(r) for r in self.train_records]) if cfg.group_by_length else None
         self.batches = Batches(len(self.train_records), t.batch_size, t.gradient_accumulation_steps,
-                               self.acc.num_processes, self.acc.process_index, t.seed)
+                               self.acc.num_processes, self.acc.process_index, t.seed, lengths)
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.batches.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.ref_cache = None
+        self.ref_cache = self.eval_ref_cache = None
         if self.reference is not None and cfg.precompute_reference:
-            self.ref_cache = precompute_reference_logps(self, self.train_records)
+            self.precompute_reference()
+
+    def precompute_reference(self) -> None:
+        """Reference log-probs of every train and eval pair, once (disk-cached); a separate frozen
+        reference is then released, since nothing asks it again."""
+        self.ref_cache = precompute_reference_logps(self, self.train_records)
+        if self.eval_records:
+            self.eval_ref_cache = precompute_reference_logps(self, self.eval_records)
+        if self.reference.frozen is not None:
+            self.reference = None
 
     def _load_model(self):
         m = self.cfg.model
@@ -106,8 +145,9 @@ class OfflineTrainer:
 
     def batch(self, indices: torch.Tensor, records) -> dict:
         batch = self.task.collate([records[i] for i in indices.tolist()])
-        if self.ref_cache is not None and records is self.train_records:
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_cache[0][indices], self.ref_cache[1][indices]
+        cache = self.ref_cache if records is self.train_records else self.eval_ref_cache
+        if cache is not None:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cache[0][indices], cache[1][indices]
         return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self, step: int) -> tuple[dict, float]:

@@ -13,6 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .common import record_length
+
+PRECOMPUTE_TOKENS = 2048  # tokens per no-grad reference batch (larger ones run slower on CPU: cache)
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTALIGN_CACHE", Path.home() / ".cache" / "distalign")) / "reference_logps"
@@ -38,9 +42,12 @@ def precompute_reference_logps(trainer, records) -> tuple[torch.Tensor, torch.Te
         trainer.log(f"reference log-probs: loaded from {path}")
         return cached["chosen"], cached["rejected"]
     chosen, rejected = torch.empty(len(records)), torch.empty(len(records))
-    size = cfg.train.batch_size * 2
-    for start in range(0, len(records), size):
-        indices = torch.arange(start, min(start + size, len(records)))
+    # Order doesn't matter here, so batch pairs of similar length: almost no padding, and bigger
+    # batches than training's (no activations are kept).
+    lengths = torch.tensor([record_length(r) for r in records])
+    order = lengths.argsort(descending=True)
+    size = max(cfg.train.batch_size * 2, PRECOMPUTE_TOKENS // max(1, int(lengths.max())))
+    for indices in order.split(size):
         batch = trainer.task.collate([records[i] for i in indices.tolist()])
         batch = {k: v.to(trainer.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with trainer.acc.autocast():
