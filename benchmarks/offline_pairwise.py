@@ -29,7 +29,7 @@ SIZES = {"tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_s
          "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376)}
 BATCH, MAX_LENGTH, LR = 8, 128, 1e-6
 # distalign: defaults; -precomputed: reference log-probs computed once before training (cost charged
-# below); -grouped: that plus group_by_length (batches of similar length, less padding).
+# below); -grouped: defaults plus group_by_length (batches of similar length, less padding).
 KINDS = ("trl", "distalign", "distalign-precomputed", "distalign-grouped")
 
 
@@ -137,7 +137,7 @@ def worker(args) -> None:
         result = run_trl(args.model, args.data, args.warmup, args.steps, args.out)
     else:
         result = run_distalign(args.model, args.data, args.warmup, args.steps, args.out,
-                               args.worker != "distalign", args.worker == "distalign-grouped")
+                               args.worker == "distalign-precomputed", args.worker == "distalign-grouped")
     print("RESULT " + json.dumps(result))
 
 
