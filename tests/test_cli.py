@@ -59,6 +59,9 @@ def test_every_example_config_validates():
             cfg = load_config(OnlineConfig, path)
         elif path.stem == "nash_md":
             cfg = load_config(NashConfig, path)
+        elif path.stem == "mixed_feedback":
+            from distalign.config.testbed import MixedFeedbackConfig
+            cfg = load_config(MixedFeedbackConfig, path)
         elif path.stem in ONLINE_PAIRWISE_METHODS:
             cfg = load_config(OnlinePairwiseConfig, path)
         elif path.stem in IRL_METHODS:

@@ -58,10 +58,22 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+CONFIGURABLE_EXPERIMENTS = ("mixed-feedback",)
+
+
 def cmd_testbed(args) -> int:
     from distalign.testbed.experiments import EXPERIMENTS, run_all, run_experiment
     out = Path(args.out)
-    if args.name == "all":
+    if args.config:
+        if args.name not in CONFIGURABLE_EXPERIMENTS:
+            raise SystemExit(f"distalign: error: --config: only {', '.join(CONFIGURABLE_EXPERIMENTS)} "
+                             f"takes a config file, not {args.name!r}")
+        from distalign.config import load_config
+        from distalign.config.testbed import MixedFeedbackConfig
+        run_experiment(args.name, out, config=load_config(MixedFeedbackConfig, args.config, args.overrides))
+    elif args.overrides:
+        raise SystemExit(f"distalign: error: key=value overrides {args.overrides} need --config")
+    elif args.name == "all":
         run_all(out, quick=args.quick, seed=args.seed)
     elif args.name in EXPERIMENTS:
         run_experiment(args.name, out, quick=args.quick, seed=args.seed)
@@ -123,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML config (mixed-feedback: methods, beta, step counts, seed, quick)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the --config file")
     p.set_defaults(func=cmd_testbed)
 
     p = sub.add_parser("eval", help="evaluate models: KL to reference, RM score, win-rate, judge")

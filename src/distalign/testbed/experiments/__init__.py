@@ -41,9 +41,10 @@ def load_experiment(name: str):
     return getattr(module, function_name)
 
 
-def run_experiment(name: str, out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
-    """Run one experiment, writing its files into out_dir; returns its results dict."""
-    return load_experiment(name)(Path(out_dir), quick=quick, seed=seed)
+def run_experiment(name: str, out_dir: Path, quick: bool = False, seed: int = 0, **options) -> dict:
+    """Run one experiment, writing its files into out_dir; returns its results dict. `options` go to
+    experiments that take more (mixed-feedback: config=MixedFeedbackConfig)."""
+    return load_experiment(name)(Path(out_dir), quick=quick, seed=seed, **options)
 
 
 def run_all(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, str]:

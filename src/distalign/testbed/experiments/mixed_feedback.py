@@ -28,6 +28,7 @@ from distalign.config import load_config
 from distalign.config.irl import IRLConfig
 from distalign.config.online import GenerationConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.config.testbed import MIXED_FEEDBACK_METHODS, MixedFeedbackConfig
 from distalign.models import load_policy, load_tokenizer
 from distalign.training.irl import train_irl
 from distalign.training.iterative import train_iterative
@@ -52,14 +53,13 @@ QUICK = {"sft_steps": 150, "n_pairs": 2000, "n_demos": 512, "offline_steps": 60,
          "iterations": 2, "aihf_iterations": 1, "rl_steps": 30, "reward_steps": 40, "n_eval": 512}
 FULL = {"sft_steps": 400, "n_pairs": 8000, "n_demos": 2048, "offline_steps": 250, "iterative_steps": 60,
         "iterations": 3, "aihf_iterations": 2, "rl_steps": 60, "reward_steps": 80, "n_eval": 2048}
-METHODS = ("dpo", "ipo", "rpo_demos", "spac", "spin", "aihf")
-BETA, LEARNING_RATE = 1.0, 1e-3
+METHODS = MIXED_FEEDBACK_METHODS
 LENGTHS = ["data.max_prompt_length=16", "data.max_length=32"]
 
 
 def train_offline_pairs(method: str, start: Path, files: dict, out: Path, plan: dict, seed: int) -> Path:
     run_offline(method, start, files["pairs"], out, steps=plan["offline_steps"], batch_size=32,
-                learning_rate=LEARNING_RATE, seed=seed, loss={"beta": BETA})
+                learning_rate=plan["learning_rate"], seed=seed, loss={"beta": plan["beta"]})
     return out / "final"
 
 
@@ -67,9 +67,9 @@ def train_iterative_method(method: str, start: Path, files: dict, out: Path, pla
     cfg = load_config(OnlinePairwiseConfig, None, [
         f"method={method}", f"model.name_or_path={start}", f"pairs={files['pairs']}",
         f"demonstrations={files['demos']}", f"train.output_dir={out}", f"train.seed={seed}",
-        "train.batch_size=32", "train.progress_bar=false", f"optim.learning_rate={LEARNING_RATE}",
+        "train.batch_size=32", "train.progress_bar=false", f"optim.learning_rate={plan['learning_rate']}",
         "optim.schedule=constant", "generation.max_new_tokens=4", "generation.temperature=1.0",
-        f"loss.beta={BETA}", "loss.alpha=1.0", f"iteration.iterations={1 if method == 'rpo_demos' else plan['iterations']}",
+        f"loss.beta={plan['beta']}", "loss.alpha=1.0", f"iteration.iterations={1 if method == 'rpo_demos' else plan['iterations']}",
         f"iteration.steps_per_iteration={plan['iterative_steps']}", *LENGTHS])
     return Path(train_iterative(cfg, log=lambda *_: None)["final_model"])
 
@@ -81,7 +81,7 @@ def train_aihf(method: str, start: Path, files: dict, out: Path, plan: dict, see
         "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=4",
         f"reward.steps={plan['reward_steps']}", "reward.batch_size=32", "reward.learning_rate=3e-3",
         "reward.alpha=1.0", "rl.method=rloo", f"rl.steps={plan['rl_steps']}", "rl.batch_size=16",
-        "rl.optim.learning_rate=2e-3", "rl.optim.schedule=constant", f"rl.loss.kl_coef={BETA}", *LENGTHS])
+        "rl.optim.learning_rate=2e-3", "rl.optim.schedule=constant", f"rl.loss.kl_coef={plan['beta']}", *LENGTHS])
     return Path(train_irl(cfg, log=lambda *_: None)["final_model"])
 
 
@@ -121,7 +121,7 @@ def verdict(results: dict) -> list[str]:
     """Plain statements: which methods moved toward pi* (exact KL down by > 0.02) and which leaked mass."""
     start = results["sft"]
     lines = []
-    for method in METHODS:
+    for method in (m for m in results if m != "sft"):
         r = results[method]
         change = r["kl_target"] - start["kl_target"]
         direction = "closer to pi*" if change < -0.02 else ("further from pi*" if change > 0.02 else "no clear change")
@@ -131,9 +131,14 @@ def verdict(results: dict) -> list[str]:
     return lines
 
 
-def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
-    """Build the world and data, SFT once, train the six methods from that start, score, write files."""
-    plan, out, begin = (QUICK if quick else FULL), Path(out_dir), time.perf_counter()
+def run(out_dir: Path, quick: bool = False, seed: int = 0, config: MixedFeedbackConfig | None = None) -> dict:
+    """Build the world and data, SFT once, train the methods from that start, score, write files.
+    `config` (a `distalign testbed mixed-feedback --config` file) replaces quick / seed and overrides the plan."""
+    config = config or MixedFeedbackConfig(quick=quick, seed=seed)
+    quick, seed = config.quick, config.seed
+    plan = {**(QUICK if quick else FULL), **config.plan_overrides(), "beta": config.beta,
+            "learning_rate": config.learning_rate}
+    out, begin = Path(out_dir), time.perf_counter()
     work = out / "work"
     world = small_world(seed)
     files = {"pairs": work / "pairs.jsonl", "demos": work / "demonstrations.jsonl"}
@@ -148,13 +153,13 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict:
         prompts = [world.prompts[i % len(world.prompts)] for i in range(plan["n_eval"])]
         _, sft_texts = sample_texts(sft, tokenizer, prompts, world.max_len + 1, seed + 1)
         results["sft"] = evaluate(world, sft, sft, tokenizer, prompts, sft_texts, seed + 2)
-        for method in METHODS:
+        for method in config.methods:
             tick = time.perf_counter()
             final = TRAINERS[method](method, start, files, work / method, plan, seed)
             results[method] = evaluate(world, load_policy(str(final)), sft, tokenizer, prompts, sft_texts, seed + 2)
             timings[method] = time.perf_counter() - tick
     lines = verdict(results)
-    payload = {"quick": quick, "seed": seed, "plan": plan, "beta": BETA, "results": results,
+    payload = {"quick": quick, "seed": seed, "plan": plan, "beta": plan["beta"], "results": results,
                "train_seconds": timings, "verdict": lines, "seconds": time.perf_counter() - begin}
     write_results(out, payload)
     header = ["method", "KL(pi*||pi) exact", "mass on support", "win-rate vs SFT", "+- se", "KL(pi||SFT)", "+- se"]
