@@ -119,9 +119,10 @@ class CachedSampler:
         if step < self.min_new_tokens:
             scaled = scaled.clone()
             scaled[:, self.eos] = float("-inf")
-        # Inverse CDF: one uniform per row; torch.multinomial draws one exponential per vocabulary entry.
-        cdf = filter_logits(scaled, self.top_k, self.top_p).softmax(-1).cumsum(-1)
-        uniform = torch.rand((cdf.shape[0], 1), device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        # Inverse CDF: one uniform per row (torch.multinomial draws one exponential per vocabulary entry);
+        # the cumulative sum in float64 so that tokens far below 1e-7 keep their probability in large vocabularies.
+        cdf = filter_logits(scaled.double(), self.top_k, self.top_p).softmax(-1).cumsum(-1)
+        uniform = torch.rand((cdf.shape[0], 1), device=cdf.device).to(cdf.dtype) * cdf[:, -1:]
         return torch.searchsorted(cdf, uniform, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
     @torch.no_grad()
