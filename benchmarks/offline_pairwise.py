@@ -166,7 +166,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sizes = args.sizes.split(",")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load = "loadavg " + " ".join(f"{x:.2f}" for x in os.getloadavg())  # as benchmarks/online.py
     peak = matmul_peak_gflops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -42,14 +42,13 @@ def precompute_reference_logps(trainer, records) -> tuple[torch.Tensor, torch.Te
         trainer.log(f"reference log-probs: loaded from {path}")
         return cached["chosen"], cached["rejected"]
     chosen, rejected = torch.empty(len(records)), torch.empty(len(records))
-    # Order doesn't matter here, so batch pairs of similar length: almost no padding, and bigger
-    # batches than training's (no activations are kept).
+    # Order doesn't matter here, so batch pairs of similar length (almost no padding), at least twice
+    # training's batch (no activations are kept).
     lengths = torch.tensor([record_length(r) for r in records])
     order = lengths.argsort(descending=True)
     size = max(cfg.train.batch_size * 2, PRECOMPUTE_TOKENS // max(1, int(lengths.max())))
     for indices in order.split(size):
-        batch = trainer.task.collate([records[i] for i in indices.tolist()])
-        batch = {k: v.to(trainer.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = trainer.batch(indices, records)
         with trainer.acc.autocast():
             c, r = trainer.task.reference_logps(batch, trainer.reference)
         chosen[indices], rejected[indices] = c.float().cpu(), r.float().cpu()

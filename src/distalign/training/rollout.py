@@ -98,10 +98,14 @@ def response_forward(model, batch: SampledBatch, temperature: float = 1.0, value
     return ResponseForward(token_logps, values, entropy)
 
 
+def entropy_of(log_probs: Tensor) -> Tensor:
+    """H = -sum_v p_v log p_v over the last dim of normalised log-probs."""
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
 def _entropy(logits: Tensor, temperature: float, mask: Tensor) -> Tensor:
     with torch.no_grad():
-        log_probs = (logits.float() / temperature).log_softmax(-1)
-        return -(log_probs.exp() * log_probs).sum(-1) * mask
+        return entropy_of((logits.float() / temperature).log_softmax(-1)) * mask
 
 
 def grouped_response_forward(model, batch: SampledBatch, group_size: int, temperature: float = 1.0,

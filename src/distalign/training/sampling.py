@@ -21,6 +21,7 @@ step outside the model, and DynamicCache copies the whole cache at every step (a
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from distalign.objectives import geometric_mixture
 
-from .rollout import SampledBatch, assemble_batch, left_pad
+from .rollout import SampledBatch, assemble_batch, entropy_of, left_pad
 
 
 def filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -74,6 +75,7 @@ def _reserve_cache(cache, rows: Tensor, extra: int):
     return cache
 
 
+@functools.cache  # one class per base, not one per sampled batch
 def _reserved_layer_class(base: type) -> type:
     class ReservedLayer(base):
         """A DynamicLayer whose keys/values live in a buffer reserved for the whole completion: `update`
@@ -169,7 +171,7 @@ class CachedSampler:
             token = self.choose(scaled, step).masked_fill(finished, self.pad)
             tokens.append(token)
             logps.append(log_probs.gather(-1, token[:, None])[:, 0])
-            entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+            entropies.append(entropy_of(log_probs))
             finished |= token == self.eos
             if step + 1 == self.max_new_tokens or bool(finished.all()):  # one host sync per step, as generate
                 break
