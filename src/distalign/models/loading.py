@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -93,8 +93,9 @@ def load_tokenizer(name_or_path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def lora_config(lora: dict, model_type: str, task_type: str) -> LoraConfig:
+def lora_config(lora: dict, model_type: str, task_type: str):
     """PEFT `LoraConfig` from distalign's keys: r, alpha, dropout, target_modules (None = per-arch default)."""
+    from peft import LoraConfig  # peft costs ~50 MB and ~3 s to import: only runs that use LoRA pay for it
     unknown = sorted(set(lora) - set(LORA_KEYS))
     if unknown:
         raise ValueError(f"lora: unknown key(s) {unknown}; valid: {sorted(LORA_KEYS)}")
@@ -122,8 +123,10 @@ def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_co
                                        dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **extra)
     if base_source is not None:
         # A saved adapter: trainable again when the caller asks for LoRA (its settings come from the folder).
+        from peft import PeftModel
         model = PeftModel.from_pretrained(model, source, is_trainable=lora is not None)
     elif lora is not None:
+        from peft import get_peft_model
         model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
     return model.to(device) if device is not None else model
 
@@ -163,7 +166,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    return isinstance(unwrap_model(model), PeftModel)
+    peft = sys.modules.get("peft")  # not imported yet: no PeftModel can exist
+    return peft is not None and isinstance(unwrap_model(model), peft.PeftModel)
 
 
 @contextmanager
@@ -214,7 +218,7 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = Fals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
-    if isinstance(model, PeftModel) and merge:
+    if is_peft_model(model) and merge:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
