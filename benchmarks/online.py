@@ -18,6 +18,7 @@ where a step's time goes: `generate`, the no-grad scoring forwards, and the rest
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -100,8 +101,10 @@ def run_distalign(method: str, model: str, data: str, warmup: int, steps: int, o
     timer = PhaseTimer()
     # Scoring forwards run without grad (the policy's only when the sampler kept no log-probs, then the
     # reference); the update's with grad.
+    signature = inspect.signature(online.grouped_response_forward)
     online.grouped_response_forward = timer.wrap(online.grouped_response_forward, lambda *a, **k: (
-        "update_forward" if torch.is_grad_enabled() else "score_policy" if a[5:] and a[5] else "score_ref"))
+        "update_forward" if torch.is_grad_enabled()
+        else "score_policy" if signature.bind(*a, **k).arguments.get("with_entropy") else "score_ref"))
     trainer = online.OnlineTrainer(cfg, log=lambda *a: None)
     trainer.sampler.sample = timer.wrap(trainer.sampler.sample, lambda *a, **k: "generate")
     trainer.score = timer.wrap(trainer.score, lambda *a, **k: "reward")

@@ -24,6 +24,8 @@ class GenerationConfig:
     missing_eos_penalty: float | None = _f(None, "added to the reward of completions without EOS (e.g. -1)")
     backend: str = _f("hf", "sampler: 'hf' (own KV-cache decode loop, one prefill per prompt), 'generate' "
                             "(model.generate) or 'vllm' (needs vllm installed)", choices=("hf", "generate", "vllm"))
+    fast_decode: bool = _f(True, "backend hf: decode Llama / Mistral / Qwen2 through distalign's lean step (fused "
+                                 "q|k|v and gate|up, in-place cache); false steps through the model's forward")
 
     def validate(self):
         if self.max_new_tokens < 1:

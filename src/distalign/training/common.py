@@ -148,7 +148,7 @@ def build_reference(policy: torch.nn.Module, model_cfg, reference: str | None, d
     `reference` (default: the policy's initial weights) on `device`."""
     from distalign.models import ReferenceModel, is_peft_model
     name = reference or (None if is_peft_model(policy) else model_cfg.name_or_path)
-    ref = ReferenceModel.for_policy(policy, name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+    ref = ReferenceModel.for_policy(policy, name, **model_cfg.load_options())
     if ref.frozen is not None:
         ref.frozen.to(device)
     return ref

@@ -65,8 +65,8 @@ class RewardLearner:
         if self.model is not None and not self.cfg.reward.reinit:
             return
         r, m = self.cfg.reward, self.cfg.model
-        self.model = load_reward_model(r.init or policy_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                                       device=self.device, pad_token_id=self.pad)
+        self.model = load_reward_model(r.init or policy_dir, **m.load_options(), device=self.device,
+                                       pad_token_id=self.pad)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=r.learning_rate, weight_decay=r.weight_decay)
 
@@ -155,7 +155,7 @@ def train_irl(config: IRLConfig, log=print) -> dict:
     try:
         for t in range(cfg.iterations):
             learner.start_iteration(policy_dir)
-            policy = load_policy(policy_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code, device=device)
+            policy = load_policy(policy_dir, **m.load_options(), device=device)
             sampler = build_sampler(tokenizer, cfg.generation, policy_dir)
             for _ in range(cfg.reward.steps):
                 metrics = {f"reward/{k}": v for k, v in learner.step(step, policy, sampler).items()}

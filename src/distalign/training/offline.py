@@ -132,15 +132,15 @@ class OfflineTrainer:
         m = self.cfg.model
         lora = to_dict(m.lora) if m.lora is not None else None
         if self.cfg.method == "reward":
-            return load_reward_model(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
-        return load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code)
+            return load_reward_model(m.name_or_path, **m.load_options(), lora=lora)
+        return load_policy(m.name_or_path, **m.load_options(), lora=lora)
 
     def _load_reference(self) -> ReferenceModel:
         """The LoRA policy with its adapter disabled (no copy), else a frozen copy of the initial weights."""
         m = self.cfg.model
         if m.lora is not None and self.cfg.reference is None:
             return ReferenceModel(self.model)
-        ref = load_policy(self.cfg.reference or m.name_or_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        ref = load_policy(self.cfg.reference or m.name_or_path, **m.load_options())
         return ReferenceModel(self.model, ref.eval().requires_grad_(False).to(self.acc.device))
 
     def batch(self, indices: torch.Tensor, records) -> dict:

@@ -69,8 +69,7 @@ class OnlineTrainer:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.records = load_records(cfg.data, cfg.data.train, "prompts", self.tokenizer, self.log)
         lora = to_dict(m.lora) if m.lora is not None else None
-        self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
-                                  device=self.device)
+        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device)
         needs_reference = self.objective.needs_reference(self.hparams)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.value_head = self._value_head() if self.objective.needs_value_head else None
@@ -96,7 +95,8 @@ class OnlineTrainer:
     def _value_head(self):
         if self.cfg.value_init == "reward_model":
             from distalign.models import load_reward_model
-            rm = load_reward_model(self.cfg.value_model, trust_remote_code=self.cfg.model.trust_remote_code)
+            rm = load_reward_model(self.cfg.value_model, trust_remote_code=self.cfg.model.trust_remote_code,
+                                   onednn=self.cfg.model.onednn)
             return build_value_head(self.policy, "reward_model", rm)
         return build_value_head(self.policy, "policy")
 

@@ -60,8 +60,7 @@ class PolicySession:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.pad = self.tokenizer.pad_token_id
         lora = to_dict(m.lora) if m.lora is not None else None
-        self.policy = load_policy(m.name_or_path, dtype=m.dtype, lora=lora, trust_remote_code=m.trust_remote_code,
-                                  device=self.device)
+        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
@@ -123,6 +122,7 @@ class OnlinePairwiseTrainer(PolicySession):
         self.opponent_sampler = self.sampler
         if mixture > 0:
             self.opponent_sampler = MixtureSampler(self.tokenizer, mixture, self.reference.context,
+                                                   fast_decode=cfg.generation.fast_decode,
                                                    **sampler_options(cfg.generation))
         kind, path = ("pairs", cfg.pairs) if cfg.method == "pmle_online" else ("prompts", cfg.data.train)
         self.records = self.load(path, kind)

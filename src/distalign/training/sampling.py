@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from distalign.models import unwrap_model
+from distalign.models.fast_decode import LlamaDecoder
 from distalign.objectives import geometric_mixture
 
 from .rollout import SampledBatch, assemble_batch, entropy_of, left_pad
@@ -101,20 +103,38 @@ def _reserved_layer_class(base: type) -> type:
     return ReservedLayer
 
 
+class _ModelStep:
+    """One decode step through the model's own forward, on the prefill cache reserved by `_reserve_cache`."""
+
+    def __init__(self, forward, cache, rows: Tensor, prompt_mask: Tensor, extra: int):
+        self.forward, self.cache = forward, _reserve_cache(cache, rows, extra)
+        self.attention = torch.cat([prompt_mask.index_select(0, rows), prompt_mask.new_ones((len(rows), extra))], 1)
+        self.length = prompt_mask.shape[1]
+
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        self.length += 1
+        return self.forward(input_ids=tokens[:, None], attention_mask=self.attention[:, :self.length],
+                            position_ids=positions[:, None], past_key_values=self.cache,
+                            use_cache=True).logits[:, -1]
+
+
 class CachedSampler:
     """Temperature sampling with our own KV-cache decode loop (backend "hf"); see the module docstring.
 
     `min_new_tokens` forbids EOS before that many tokens (the stored log-probs stay those of the
-    unrestricted distribution, like the scoring forward's).
+    unrestricted distribution, like the scoring forward's). `fast_decode` runs the decode steps of
+    Llama-family models through `LlamaDecoder` (same arithmetic, fewer ops); other models, and
+    `fast_decode=False`, step through the model's own forward.
     """
 
     def __init__(self, tokenizer, max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                 min_new_tokens: int = 0):
+                 min_new_tokens: int = 0, fast_decode: bool = True):
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         if self.pad is None or self.eos is None:
             raise ValueError("tokenizer: needs both a pad and an EOS token for batched generation")
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.top_k, self.top_p, self.min_new_tokens = top_k, top_p, min_new_tokens
+        self.fast_decode = fast_decode
 
     def choose(self, scaled: Tensor, step: int) -> Tensor:
         """Next tokens (B,) drawn from tempered logits (B, V) after the EOS ban and top-k / top-p."""
@@ -156,29 +176,27 @@ class CachedSampler:
         """Decode with every forward in lockstep, each on its own reserved cache, all fed the token drawn
         from `distribution` of their logits. One forward for plain sampling, two for a mixture."""
         P, B = ids.shape[1], len(rows)
-        caches, logits = [], []
+        steps, logits = [], []
         for forward in forwards:
             out = forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           use_cache=True, logits_to_keep=1)
-            caches.append(_reserve_cache(out.past_key_values, rows, self.max_new_tokens))
+            steps.append(LlamaDecoder.build(unwrap_model(forward), out.past_key_values, rows, mask,
+                                            self.max_new_tokens) if self.fast_decode else None)
+            steps[-1] = steps[-1] or _ModelStep(forward, out.past_key_values, rows, mask, self.max_new_tokens)
             logits.append(out.logits[:, -1].index_select(0, rows))
-        attention = torch.cat([mask.index_select(0, rows), mask.new_ones((B, self.max_new_tokens))], dim=1)
-        next_position = attention[:, :P].sum(-1)
+        next_position = mask.index_select(0, rows).sum(-1)
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
         tokens, logps, entropies = [], [], []
-        for step in range(self.max_new_tokens):
+        for i in range(self.max_new_tokens):
             scaled, log_probs = self.distribution(logits)
-            token = self.choose(scaled, step).masked_fill(finished, self.pad)
+            token = self.choose(scaled, i).masked_fill(finished, self.pad)
             tokens.append(token)
             logps.append(log_probs.gather(-1, token[:, None])[:, 0])
             entropies.append(entropy_of(log_probs))
             finished |= token == self.eos
-            if step + 1 == self.max_new_tokens or bool(finished.all()):  # one host sync per step, as generate
+            if i + 1 == self.max_new_tokens or bool(finished.all()):  # one host sync per step, as generate
                 break
-            logits = [forward(input_ids=token[:, None], attention_mask=attention[:, :P + step + 1],
-                              position_ids=(next_position + step)[:, None], past_key_values=cache,
-                              use_cache=True).logits[:, -1]
-                      for forward, cache in zip(forwards, caches)]
+            logits = [step(token, next_position + i) for step in steps]
         return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
 
     def sync_weights(self, model) -> None:
@@ -197,9 +215,9 @@ class MixtureSampler(CachedSampler):
     """
 
     def __init__(self, tokenizer, mixture: float, reference_context, max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0):
+                 top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, fast_decode: bool = True):
         """`reference_context()` yields the reference module (`ReferenceModel.context`)."""
-        super().__init__(tokenizer, max_new_tokens, temperature, top_k, top_p, min_new_tokens)
+        super().__init__(tokenizer, max_new_tokens, temperature, top_k, top_p, min_new_tokens, fast_decode)
         self.mixture, self.reference_context = mixture, reference_context
 
     def distribution(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -296,4 +314,4 @@ def build_sampler(tokenizer, generation, model_path: str):
         return VLLMSampler(tokenizer, model_path, **kwargs)
     if generation.backend == "generate":
         return GenerateSampler(tokenizer, **kwargs)
-    return CachedSampler(tokenizer, **kwargs)
+    return CachedSampler(tokenizer, fast_decode=generation.fast_decode, **kwargs)

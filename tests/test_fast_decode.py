@@ -1,0 +1,147 @@
+"""The lean decode step (`LlamaDecoder`) and oneDNN linears: the same numbers as the model's own forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from distalign.models import load_policy, load_tokenizer, make_tiny
+from distalign.models.fast_decode import LlamaDecoder
+from distalign.models.onednn import OneDNNLinear, linear, onednn_available, use_onednn_linears
+from distalign.training.rollout import left_pad, response_forward
+from distalign.training.sampling import CachedSampler, _ModelStep
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_decode")
+    return {arch: make_tiny(root / arch, arch=arch, hidden_size=64, num_layers=2)
+            for arch in ("llama", "qwen2", "gpt_neox")}
+
+
+def variant(path, **config_changes):
+    """A randomly initialised model of `path`'s architecture with some config fields changed."""
+    config = AutoConfig.from_pretrained(path)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # non-zero biases (qwen2), so a dropped bias would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def models_under_test(paths):
+    yield "llama", load_policy(paths["llama"]).eval()
+    yield "qwen2 (q/k/v biases)", variant(paths["qwen2"])
+    rope = AutoConfig.from_pretrained(paths["llama"]).rope_parameters
+    yield "llama GQA + linear rope scaling", variant(paths["llama"], num_key_value_heads=2,
+                                                     rope_parameters={**rope, "rope_type": "linear", "factor": 2.0})
+    yield "mistral", AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mistral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=None)).eval()
+
+
+def prefill(model, prompts, extra):
+    """Left-padded prompts prefilled once each; every prompt is decoded as 2 rows (a group)."""
+    ids, mask = left_pad(prompts, 0)
+    rows = torch.arange(len(prompts)).repeat_interleave(2)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values, rows, mask
+
+
+@torch.no_grad()
+def test_decoder_logits_equal_the_models_forward_at_every_step(paths):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding
+    for name, model in models_under_test(paths):
+        fast = LlamaDecoder.build(model, *prefill(model, prompts, 6), extra=6)
+        assert fast is not None, name
+        slow = _ModelStep(model, *prefill(model, prompts, 6), extra=6)
+        positions = torch.tensor([7, 7, 2, 2, 4, 4])
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            tokens = torch.randint(3, 500, (6,), generator=gen)
+            ours, theirs = fast(tokens, positions + step), slow(tokens, positions + step)
+            assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (name, step, (ours - theirs).abs().max())
+        with pytest.raises(RuntimeError, match="cache is full"):
+            fast(tokens, positions + 6)
+
+
+def test_sampler_draws_the_same_tokens_with_and_without_the_fast_step(paths):
+    tok, model = load_tokenizer(paths["llama"]), load_policy(paths["llama"])
+    prompts = [tok(t)["input_ids"] for t in ("What is 2 + 3?", "Hi", "Tell me a story") for _ in range(3)]
+    batches = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        batches.append(CachedSampler(tok, max_new_tokens=10, temperature=0.8, fast_decode=fast).sample(model, prompts))
+    assert torch.equal(batches[0].input_ids, batches[1].input_ids)
+    assert torch.allclose(batches[0].token_logps, batches[1].token_logps, atol=1e-5)
+    scored = response_forward(model, batches[0], temperature=0.8, with_entropy=True)
+    assert torch.allclose(batches[0].token_logps, scored.token_logps, atol=1e-5)
+    assert torch.allclose(batches[0].entropy, scored.entropy, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decoder_declines_what_it_does_not_reproduce(paths):
+    prompts = [[5, 6, 7], [8, 9]]
+
+    def build(model, extra=4):
+        return LlamaDecoder.build(model, *prefill(model, prompts, extra), extra=extra)
+
+    assert build(load_policy(paths["gpt_neox"]).eval()) is None                       # another architecture
+    assert build(load_policy(paths["llama"], lora={"r": 2, "alpha": 4}).eval()) is None  # LoRA layers
+    hooked = load_policy(paths["llama"]).eval()
+    hooked.lm_head.register_forward_hook(lambda *_: None)
+    assert build(hooked) is None                                                      # hooks must run
+    windowed = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mistral", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+    assert build(windowed) is None                                                    # window < 3 + 4 tokens
+    assert build(load_policy(paths["llama"]).eval()) is not None
+
+
+@needs_onednn
+def test_onednn_linear_matches_f_linear_in_value_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 40, generator=gen, requires_grad=True)
+    weight = torch.randn(24, 40, generator=gen, requires_grad=True)
+    bias = torch.randn(24, generator=gen, requires_grad=True)
+    upstream = torch.randn(3, 17, 24, generator=gen)
+    ours = linear(x, weight, bias)
+    theirs = F.linear(x, weight, bias)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    grads_ours = torch.autograd.grad((ours * upstream).sum(), (x, weight, bias))
+    grads_theirs = torch.autograd.grad((theirs * upstream).sum(), (x, weight, bias))
+    for a, b in zip(grads_ours, grads_theirs):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert torch.equal(linear(x, weight, bias), ours), "deterministic"
+    # a transposed (non-contiguous) input and no bias
+    xt = torch.randn(40, 9, generator=gen).t()
+    assert torch.allclose(linear(xt, weight), F.linear(xt, weight), atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linear_leaves_other_dtypes_to_torch():
+    x64, w64 = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(linear(x64, w64), F.linear(x64, w64))
+    assert torch.autograd.gradcheck(lambda a, b: linear(a, b), (x64.requires_grad_(), w64.requires_grad_()))
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_use_onednn_linears_keeps_the_state_dict_and_the_outputs(paths):
+    plain = load_policy(paths["llama"], onednn=False)
+    switched = load_policy(paths["llama"])
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
+    assert sum(isinstance(m, OneDNNLinear) for m in switched.modules()) == 2 * 7 + 1
+    assert plain.state_dict().keys() == switched.state_dict().keys()
+    ids = torch.randint(3, 500, (2, 12))
+    assert torch.allclose(plain(input_ids=ids).logits, switched(input_ids=ids).logits, atol=1e-5)
+    assert use_onednn_linears(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == 1
