@@ -1,13 +1,12 @@
-"""The lean decode step (`LlamaDecoder`) and oneDNN linears: the same numbers as the model's own forward."""
+"""The lean decode step (`LlamaDecoder`) and its oneDNN matmuls: the same numbers as the model's own forward."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distalign.models import load_policy, load_tokenizer, make_tiny
 from distalign.models.fast_decode import LlamaDecoder
-from distalign.models.onednn import OneDNNLinear, linear, onednn_available, use_onednn_linears
+from distalign.models.onednn import linear, onednn_available
 from distalign.training.rollout import left_pad, response_forward
 from distalign.training.sampling import CachedSampler, _ModelStep
 
@@ -106,42 +105,20 @@ def test_decoder_declines_what_it_does_not_reproduce(paths):
 
 
 @needs_onednn
-def test_onednn_linear_matches_f_linear_in_value_and_gradients():
+def test_onednn_linear_matches_f_linear():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 17, 40, generator=gen, requires_grad=True)
-    weight = torch.randn(24, 40, generator=gen, requires_grad=True)
-    bias = torch.randn(24, generator=gen, requires_grad=True)
-    upstream = torch.randn(3, 17, 24, generator=gen)
-    ours = linear(x, weight, bias)
-    theirs = F.linear(x, weight, bias)
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    grads_ours = torch.autograd.grad((ours * upstream).sum(), (x, weight, bias))
-    grads_theirs = torch.autograd.grad((theirs * upstream).sum(), (x, weight, bias))
-    for a, b in zip(grads_ours, grads_theirs):
-        assert torch.allclose(a, b, atol=1e-4)
-    assert torch.equal(linear(x, weight, bias), ours), "deterministic"
-    # a transposed (non-contiguous) input and no bias
-    xt = torch.randn(40, 9, generator=gen).t()
+    x, weight, bias = torch.randn(3, 17, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24)
+    assert torch.allclose(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+    assert torch.equal(linear(x, weight, bias), linear(x, weight, bias)), "deterministic"
+    xt = torch.randn(40, 9, generator=gen).t()  # a transposed (non-contiguous) input, no bias
     assert torch.allclose(linear(xt, weight), F.linear(xt, weight), atol=1e-5)
 
 
-@needs_onednn
-def test_onednn_linear_leaves_other_dtypes_to_torch():
+def test_onednn_linear_leaves_autograd_and_other_dtypes_to_torch():
     x64, w64 = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
     assert torch.equal(linear(x64, w64), F.linear(x64, w64))
-    assert torch.autograd.gradcheck(lambda a, b: linear(a, b), (x64.requires_grad_(), w64.requires_grad_()))
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    x, w = torch.randn(4, 8), torch.randn(3, 8, requires_grad=True)
+    out = linear(x, w)
+    assert out.requires_grad and torch.equal(out, F.linear(x, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert linear(x, w).dtype == torch.bfloat16
-
-
-@needs_onednn
-def test_use_onednn_linears_keeps_the_state_dict_and_the_outputs(paths):
-    plain = load_policy(paths["llama"], onednn=False)
-    switched = load_policy(paths["llama"])
-    assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
-    assert sum(isinstance(m, OneDNNLinear) for m in switched.modules()) == 2 * 7 + 1
-    assert plain.state_dict().keys() == switched.state_dict().keys()
-    ids = torch.randint(3, 500, (2, 12))
-    assert torch.allclose(plain(input_ids=ids).logits, switched(input_ids=ids).logits, atol=1e-5)
-    assert use_onednn_linears(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == 1
+        assert linear(x, w.detach()).dtype == torch.bfloat16

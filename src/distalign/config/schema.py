@@ -30,8 +30,6 @@ class ModelConfig:
     dtype: str = _f("float32", "weight dtype", choices=("float32", "bfloat16", "float16", "auto"))
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint (off by default)")
     lora: Optional[LoraSettings] = _f(None, "train a LoRA adapter; the reference is the base with it disabled")
-    onednn: bool = _f(True, "fp32 linear layers on CPU run on oneDNN (1.3-1.6x torch's BLAS on AMD CPUs for the "
-                            "forward and input gradient; same math to fp32 rounding); no effect on GPU or bf16")
 
     def validate(self):
         if not self.name_or_path:
@@ -39,7 +37,7 @@ class ModelConfig:
 
     def load_options(self) -> dict:
         """The keyword arguments of `load_policy` / `load_reward_model` this section sets."""
-        return {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code, "onednn": self.onednn}
+        return {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
 
 
 @dataclass

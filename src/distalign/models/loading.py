@@ -29,8 +29,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .onednn import use_onednn_linears
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
 # Attention + MLP projections; anything else falls back to PEFT's "all-linear" (every Linear but the head).
@@ -118,7 +116,7 @@ def _adapter_base(source: str) -> str | None:
     return base
 
 
-def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device, onednn, **extra):
+def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device, **extra):
     source = resolve_source(name_or_path, trust_remote_code)
     base_source = _adapter_base(source)
     model = auto_class.from_pretrained(resolve_source(base_source or source, trust_remote_code),
@@ -130,23 +128,17 @@ def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_co
     elif lora is not None:
         from peft import get_peft_model
         model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
-    if onednn:
-        use_onednn_linears(model)
     return model.to(device) if device is not None else model
 
 
 def load_policy(name_or_path, *, dtype="float32", lora: dict | None = None, trust_remote_code: bool = False,
-                device=None, onednn: bool = True):
-    """An `AutoModelForCausalLM`, optionally wrapped with a fresh LoRA adapter (PEFT).
-
-    `onednn`: its plain Linear layers run fp32 CPU inputs through oneDNN (`use_onednn_linears`).
-    """
-    return _load(AutoModelForCausalLM, "CAUSAL_LM", name_or_path, dtype, lora, trust_remote_code, device, onednn)
+                device=None):
+    """An `AutoModelForCausalLM`, optionally wrapped with a fresh LoRA adapter (PEFT)."""
+    return _load(AutoModelForCausalLM, "CAUSAL_LM", name_or_path, dtype, lora, trust_remote_code, device)
 
 
 def load_reward_model(name_or_path, *, dtype="float32", lora: dict | None = None,
-                      trust_remote_code: bool = False, device=None, pad_token_id: int | None = None,
-                      onednn: bool = True):
+                      trust_remote_code: bool = False, device=None, pad_token_id: int | None = None):
     """An `AutoModelForSequenceClassification` with one label: the scalar reward R(x, y).
 
     Starting from a causal-LM checkpoint gives a randomly initialised score head (HF warns). The head
@@ -154,7 +146,7 @@ def load_reward_model(name_or_path, *, dtype="float32", lora: dict | None = None
     else its EOS id. With LoRA, PEFT's SEQ_CLS task also trains the score head in full.
     """
     model = _load(AutoModelForSequenceClassification, "SEQ_CLS", name_or_path, dtype, lora, trust_remote_code,
-                  device, onednn, num_labels=1)
+                  device, num_labels=1)
     config = model.config
     if pad_token_id is not None or config.pad_token_id is None:
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id

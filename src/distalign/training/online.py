@@ -95,8 +95,7 @@ class OnlineTrainer:
     def _value_head(self):
         if self.cfg.value_init == "reward_model":
             from distalign.models import load_reward_model
-            rm = load_reward_model(self.cfg.value_model, trust_remote_code=self.cfg.model.trust_remote_code,
-                                   onednn=self.cfg.model.onednn)
+            rm = load_reward_model(self.cfg.value_model, trust_remote_code=self.cfg.model.trust_remote_code)
             return build_value_head(self.policy, "reward_model", rm)
         return build_value_head(self.policy, "policy")
 
