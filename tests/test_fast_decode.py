@@ -1,4 +1,7 @@
 """The lean decode step (`LlamaDecoder`) and its oneDNN matmuls: the same numbers as the model's own forward."""
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,3 +125,18 @@ def test_onednn_linear_leaves_autograd_and_other_dtypes_to_torch():
     assert out.requires_grad and torch.equal(out, F.linear(x, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, w.detach()).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_a_finished_decoder_frees_its_cache_without_the_garbage_collector(paths):
+    """No reference cycles: each rollout's cache and fused weights go as soon as the decoder does."""
+    model = load_policy(paths["llama"]).eval()
+    gc.disable()
+    try:
+        decoder = LlamaDecoder.build(model, *prefill(model, [[5, 6, 7]], 4), extra=4)
+        decoder(torch.tensor([8, 8]), torch.tensor([3, 3]))
+        cache, fused = weakref.ref(decoder.layers[0].keys), weakref.ref(decoder.layers[0].qkv.weight)
+        del decoder
+        assert cache() is None and fused() is None
+    finally:
+        gc.enable()

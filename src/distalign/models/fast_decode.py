@@ -67,6 +67,27 @@ def _rms_norm(x: Tensor, norm) -> Tensor:
     return norm.weight * h.to(x.dtype)
 
 
+class _Concatenated:
+    """Linears of one input with their outputs concatenated: one matmul on fused weights, or one per layer.
+
+    (A class, not a lambda on `_Layer`: a closure over the layer would make a reference cycle that keeps
+    each rollout's cache alive until the garbage collector runs.)
+    """
+
+    def __init__(self, layers: tuple[nn.Linear, ...], fuse: bool):
+        self.layers, self.weight, self.bias = layers, None, None
+        if fuse:
+            with torch.no_grad():
+                self.weight = torch.cat([layer.weight for layer in layers])
+                if layers[0].bias is not None:
+                    self.bias = torch.cat([layer.bias for layer in layers])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.weight is not None:
+            return linear(x, self.weight, self.bias)
+        return torch.cat([_apply(layer, x) for layer in self.layers], dim=-1)
+
+
 class _Layer:
     """One decoder layer's weights in decode form, and its reserved keys / values (B, KVH, P + extra, D)."""
 
@@ -77,18 +98,7 @@ class _Layer:
         self.scaling = attn.scaling
         qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.split = [p.out_features for p in qkv]
-        if fuse:
-            with torch.no_grad():
-                self.qkv_weight = torch.cat([p.weight for p in qkv])
-                self.qkv_bias = torch.cat([p.bias for p in qkv]) if attn.q_proj.bias is not None else None
-                self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                self.gate_up_bias = (torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-                                     if mlp.gate_proj.bias is not None else None)
-            self.qkv = lambda h: linear(h, self.qkv_weight, self.qkv_bias)
-            self.gate_up = lambda h: linear(h, self.gate_up_weight, self.gate_up_bias)
-        else:
-            self.qkv = lambda h: torch.cat([_apply(p, h) for p in qkv], dim=-1)
-            self.gate_up = lambda h: torch.cat([_apply(mlp.gate_proj, h), _apply(mlp.up_proj, h)], dim=-1)
+        self.qkv, self.gate_up = _Concatenated(qkv, fuse), _Concatenated((mlp.gate_proj, mlp.up_proj), fuse)
         B, KVH, P, D = keys.shape
         self.keys = keys.new_empty((B, KVH, P + extra, D))
         self.values = values.new_empty((B, KVH, P + extra, D))
