@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distalign.models import load_policy, load_tokenizer, make_tiny
+from distalign.models import ReferenceModel, load_policy, load_tokenizer, make_tiny
 from distalign.models.fast_decode import LlamaDecoder
 from distalign.models.onednn import linear, onednn_available
 from distalign.training.rollout import left_pad, response_forward
-from distalign.training.sampling import CachedSampler, _ModelStep
+from distalign.training.sampling import CachedSampler, MixtureSampler, _ModelStep
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
@@ -86,6 +86,27 @@ def test_sampler_draws_the_same_tokens_with_and_without_the_fast_step(paths):
     scored = response_forward(model, batches[0], temperature=0.8, with_entropy=True)
     assert torch.allclose(batches[0].token_logps, scored.token_logps, atol=1e-5)
     assert torch.allclose(batches[0].entropy, scored.entropy, atol=1e-5)
+
+
+def test_mixture_sampler_decodes_a_frozen_reference_through_the_lean_step(paths, monkeypatch):
+    tok, policy = load_tokenizer(paths["llama"]), load_policy(paths["llama"])
+    frozen = load_policy(paths["llama"]).eval()
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    reference = ReferenceModel(policy, frozen)
+    built, build = [], LlamaDecoder.build.__func__
+    monkeypatch.setattr(LlamaDecoder, "build", classmethod(lambda cls, *a, **k: built.append(build(cls, *a, **k))
+                                                             or built[-1]))
+    prompts = [tok(t)["input_ids"] for t in ("What is 2 + 3?", "Hi") for _ in range(3)]
+    batches = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        batches.append(MixtureSampler(tok, 0.5, reference.context, max_new_tokens=8, temperature=1.0,
+                                      fast_decode=fast).sample(policy, prompts))
+    assert len(built) == 2 and all(d is not None for d in built), "policy and reference both on the lean step"
+    assert torch.equal(batches[0].input_ids, batches[1].input_ids)
+    assert torch.allclose(batches[0].token_logps, batches[1].token_logps, atol=1e-5)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@
 - "hf" (`CachedSampler`, the default): our own decode loop on the model's KV cache. Consecutive rows
   with the same prompt (a group of k samples) share one prefill, the cache is reserved once for the
   whole completion and filled in place, and every step's log-prob and entropy of the tempered
-  distribution are kept, so a single-update rollout needs no scoring forward of the policy.
+  distribution are kept, so a single-update rollout needs no scoring forward of the policy. Llama,
+  Mistral and Qwen2 decode through `models.fast_decode.LlamaDecoder` (same logits, fewer ops).
 - "generate" (`GenerateSampler`): `model.generate`, for models whose cache our loop does not handle.
 - "vllm" (`VLLMSampler`): a vLLM engine, weights pushed after each update (GPU only, import-guarded).
 
@@ -175,17 +176,14 @@ class CachedSampler:
     def _decode(self, forwards: list, ids: Tensor, mask: Tensor, rows: Tensor) -> tuple[Tensor, ...]:
         """Decode with every forward in lockstep, each on its own reserved cache, all fed the token drawn
         from `distribution` of their logits. One forward for plain sampling, two for a mixture."""
-        P, B = ids.shape[1], len(rows)
         steps, logits = [], []
         for forward in forwards:
             out = forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           use_cache=True, logits_to_keep=1)
-            steps.append(LlamaDecoder.build(unwrap_model(forward), out.past_key_values, rows, mask,
-                                            self.max_new_tokens) if self.fast_decode else None)
-            steps[-1] = steps[-1] or _ModelStep(forward, out.past_key_values, rows, mask, self.max_new_tokens)
+            steps.append(self._decode_step(forward, out.past_key_values, rows, mask))
             logits.append(out.logits[:, -1].index_select(0, rows))
         next_position = mask.index_select(0, rows).sum(-1)
-        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
         tokens, logps, entropies = [], [], []
         for i in range(self.max_new_tokens):
             scaled, log_probs = self.distribution(logits)
@@ -198,6 +196,12 @@ class CachedSampler:
                 break
             logits = [step(token, next_position + i) for step in steps]
         return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(entropies, 1)
+
+    def _decode_step(self, forward, cache, rows: Tensor, mask: Tensor):
+        """One forward's decode step: the lean Llama-family step where it applies, else the model's forward."""
+        lean = (LlamaDecoder.build(unwrap_model(forward), cache, rows, mask, self.max_new_tokens)
+                if self.fast_decode else None)
+        return lean or _ModelStep(forward, cache, rows, mask, self.max_new_tokens)
 
     def sync_weights(self, model) -> None:
         """Sampling runs on the live policy, so there is nothing to copy."""
@@ -227,7 +231,11 @@ class MixtureSampler(CachedSampler):
 
     @torch.no_grad()
     def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
-        # The context is entered per forward: a LoRA policy's reference is the same module, adapter off.
+        with self.reference_context() as ref:
+            if unwrap_model(ref) is not unwrap_model(model):  # a frozen copy: decoded as a model of its own
+                return self._sample(model, [model, ref], prompt_ids)
+
+        # A LoRA policy's reference is the same module with the adapter off: the context is entered per forward.
         def reference(**inputs):
             with self.reference_context() as ref:
                 return ref(**inputs)
