@@ -41,7 +41,8 @@ def _is_plain_linear(module) -> bool:
 
 def _supported_layer(layer, total_length: int, config) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+    if (attn is None or mlp is None or hasattr(attn, "q_norm") or hasattr(attn, "k_norm")
+            or not isinstance(getattr(attn, "scaling", None), float)):
         return False
     projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
