@@ -18,7 +18,7 @@ Measured on the tiny benchmark model (32 rows): 11.8 -> 8.8 ms per decode step.
 It reads the live weights at `build` (the fused q|k|v and gate|up copies are taken then, once per
 rollout, so an optimizer step between rollouts is always seen). `build` returns None for anything it
 does not reproduce exactly, and the caller keeps the model's own forward: other architectures, LoRA or
-quantised layers, q/k norms, a sliding window shorter than the sequence, a cache without per-layer
+quantised layers, q/k norms, partial rotary embeddings, a sliding window shorter than the sequence, a cache without per-layer
 key/value tensors, forward hooks on any module. Tests compare its logits with the model's forward
 (llama, qwen2 with biases, GQA with rope scaling, mistral).
 """
@@ -151,6 +151,9 @@ class LlamaDecoder:
             return None
         if not all(_supported_layer(layer, P + extra, config) for layer in core.layers):
             return None
+        inv_freq = getattr(core.rotary_emb, "inv_freq", None)
+        if not isinstance(inv_freq, Tensor) or 2 * inv_freq.numel() != cache_layers[0].keys.shape[-1]:
+            return None  # partial rotary: RoPE covers only part of each head
         if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
             return None  # hooks (logit edits, probes) only run inside the model's own forward
         fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMETERS
