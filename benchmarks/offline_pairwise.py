@@ -68,6 +68,7 @@ def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, prec
                   group_by_length: bool = False) -> dict:
     import torch
     from distalign.config import load_config, OfflineConfig
+    from distalign.training.common import record_length
     from distalign.training.offline import OfflineTrainer
     cfg = load_config(OfflineConfig, None, [
         "method=dpo", f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={MAX_LENGTH}",
@@ -85,7 +86,7 @@ def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, prec
         t0 = time.perf_counter()
         trainer.train_step(step)
         times.append(time.perf_counter() - t0)
-    tokens = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in trainer.train_records]
+    tokens = [record_length(r) for r in trainer.train_records]
     model_obj = trainer.acc.unwrap_model(trainer.model)
     return {"step_times": times[warmup:], "precompute_s": precompute_s, "n_pairs": len(trainer.train_records),
             "tokens_per_pair": statistics.mean(tokens),

@@ -28,7 +28,7 @@ from distalign.config import load_config
 from distalign.config.irl import IRLConfig
 from distalign.config.online import GenerationConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
-from distalign.config.testbed import MIXED_FEEDBACK_METHODS, MixedFeedbackConfig
+from distalign.config.testbed import MixedFeedbackConfig
 from distalign.models import load_policy, load_tokenizer
 from distalign.training.irl import train_irl
 from distalign.training.iterative import train_iterative
@@ -53,7 +53,6 @@ QUICK = {"sft_steps": 150, "n_pairs": 2000, "n_demos": 512, "offline_steps": 60,
          "iterations": 2, "aihf_iterations": 1, "rl_steps": 30, "reward_steps": 40, "n_eval": 512}
 FULL = {"sft_steps": 400, "n_pairs": 8000, "n_demos": 2048, "offline_steps": 250, "iterative_steps": 60,
         "iterations": 3, "aihf_iterations": 2, "rl_steps": 60, "reward_steps": 80, "n_eval": 2048}
-METHODS = MIXED_FEEDBACK_METHODS
 LENGTHS = ["data.max_prompt_length=16", "data.max_length=32"]
 
 
