@@ -4,8 +4,8 @@
     python benchmarks/offline_pairwise.py --sizes tiny --steps 10
     python benchmarks/offline_pairwise.py --sizes tiny --rounds 3    # medians over 3 alternations
 
-Each side runs in its own subprocess (so peak RSS is its own), sides alternate, and the script
-prints pairs/s, unique tokens/s, peak RSS, the ratios, and useful FLOP/s against the matmul peak
+Each side runs in its own subprocess (so peak RSS is its own); the sides take turns step by step
+(`lockstep.py`: the machine's drift over minutes lands on every side alike), and the script prints pairs/s, unique tokens/s, peak RSS, the ratios, and useful FLOP/s against the matmul peak
 measured in the same run (PERFORMANCE.md: "useful" = unique unpadded tokens x (6N policy
 forward+backward + 2N reference forward), N = non-embedding parameters).
 Setup (issue #3 §7): batch 8 pairs, max length 128, fp32, reference model on, 2,000 synthetic pairs
@@ -19,11 +19,12 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lockstep import ready, report, run_lockstep, wait_turn
 
 SIZES = {"tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688),
          "medium": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376)}
@@ -81,14 +82,15 @@ def run_distalign(model: str, data: str, warmup: int, steps: int, out: str, prec
         t0 = time.perf_counter()
         trainer.precompute_reference()
         precompute_s = time.perf_counter() - t0
-    times = []
+    ready()
     for step in range(warmup + steps):
+        wait_turn()
         t0 = time.perf_counter()
         trainer.train_step(step)
-        times.append(time.perf_counter() - t0)
+        report("step", {"seconds": time.perf_counter() - t0})
     tokens = [record_length(r) for r in trainer.train_records]
     model_obj = trainer.acc.unwrap_model(trainer.model)
-    return {"step_times": times[warmup:], "precompute_s": precompute_s, "n_pairs": len(trainer.train_records),
+    return {"precompute_s": precompute_s, "n_pairs": len(trainer.train_records),
             "tokens_per_pair": statistics.mean(tokens),
             "non_embedding_params": non_embedding_params(model_obj), "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads()}
@@ -100,14 +102,17 @@ def run_trl(model: str, data: str, warmup: int, steps: int, out: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], 0.0
+        t0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            ready()
 
         def on_step_begin(self, args, state, control, **kw):
+            wait_turn()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
+            report("step", {"seconds": time.perf_counter() - self.t0})
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = AutoModelForCausalLM.from_pretrained(model, dtype="float32")
@@ -119,7 +124,7 @@ def run_trl(model: str, data: str, warmup: int, steps: int, out: str) -> dict:
     trainer = DPOTrainer(model=policy, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                          processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    return {"step_times": timer.times[warmup:], "peak_rss_mb": peak_rss_mb()}
+    return {"peak_rss_mb": peak_rss_mb()}
 
 
 def matmul_peak_gflops(repeats: int = 20) -> float:
@@ -139,19 +144,19 @@ def worker(args) -> None:
     else:
         result = run_distalign(args.model, args.data, args.warmup, args.steps, args.out,
                                args.worker == "distalign-precomputed", args.worker == "distalign-grouped")
-    print("RESULT " + json.dumps(result))
+    report("result", result)
 
 
-def launch(kind: str, model: str, data: str, warmup: int, steps: int, tmp: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", data,
-           "--warmup", str(warmup), "--steps", str(steps), "--out", str(tmp / f"out-{kind}")]
+def run_round(model: str, data: str, warmup: int, steps: int, tmp: Path) -> dict[str, dict]:
+    """Every kind in its own process, in lockstep; each result gains its timed `step_times`."""
+    commands = {kind: [sys.executable, __file__, "--worker", kind, "--model", model, "--data", data,
+                       "--warmup", str(warmup), "--steps", str(steps), "--out", tempfile.mkdtemp(dir=tmp)]
+                for kind in KINDS}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
                DISTALIGN_CACHE=tempfile.mkdtemp(dir=tmp))  # never a warm cache
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    runs = run_lockstep(commands, warmup + steps, env)
+    return {kind: {**run["result"], "step_times": [s["seconds"] for s in run["steps"][warmup:]]}
+            for kind, run in runs.items()}
 
 
 def main() -> None:
@@ -160,7 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation (noisy machines)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole lockstep run (fresh processes)")
     parser.add_argument("--worker", choices=KINDS)
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out")
     args = parser.parse_args()
@@ -176,9 +181,9 @@ def main() -> None:
         for size in sizes:
             runs = {kind: [] for kind in KINDS}
             for _ in range(args.rounds):
-                for kind in KINDS:  # alternate sides, one process each
-                    runs[kind].append(launch(kind, world["models"][size], world["data"], args.warmup, args.steps,
-                                             tmp))
+                for kind, run in run_round(world["models"][size], world["data"], args.warmup, args.steps,
+                                           tmp).items():
+                    runs[kind].append(run)
             base = runs["distalign"][0]
             tokens, n = base["tokens_per_pair"], base["non_embedding_params"]
             # Seconds per pair of each run: median step / batch, plus the precompute spread over one epoch.

@@ -11,7 +11,8 @@ initial policy (reference model loaded on both sides), one optimizer step per ro
 schedule, grad clipping 1.0, no gradient checkpointing, no evaluation, no checkpoints while timing.
 Both sides score completions with the same deterministic Python reward, `vowel_fraction`.
 
-Each side runs in its own subprocess (so peak RSS is its own); sides alternate; medians over the timed
+Each side runs in its own subprocess (so peak RSS is its own); the sides take turns step by step
+(`lockstep.py`: the machine's drift over minutes lands on every side alike); medians over the timed
 steps (and over rounds) are reported. Besides completions/s and generated tokens/s, each worker reports
 where a step's time goes: `generate`, the no-grad scoring forwards, and the rest (loss, backward, step).
 """
@@ -24,11 +25,12 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lockstep import ready, report, run_lockstep, wait_turn
 
 TINY = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688, "vocab_size": 1024,
         "max_position_embeddings": 256}
@@ -109,15 +111,14 @@ def run_distalign(method: str, model: str, data: str, warmup: int, steps: int, o
     trainer.sampler.sample = timer.wrap(trainer.sampler.sample, lambda *a, **k: "generate")
     trainer.score = timer.wrap(trainer.score, lambda *a, **k: "reward")
     trainer.update = timer.wrap(trainer.update, lambda *a, **k: "update")
-    times, phases, lengths = [], [], []
+    ready()
     for step in range(warmup + steps):
+        wait_turn()
         t0 = time.perf_counter()
         metrics = trainer.train_step(step)
-        times.append(time.perf_counter() - t0)
-        phases.append(timer.take())
-        lengths.append(metrics["response_length"])
-    return {"step_times": times[warmup:], "phases": phases[warmup:], "mean_length": statistics.mean(lengths[warmup:]),
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+        report("step", {"seconds": time.perf_counter() - t0, "phases": timer.take(),
+                        "length": metrics["response_length"]})
+    return {"peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------- TRL worker
@@ -135,17 +136,20 @@ def run_trl(method: str, model: str, data: str, warmup: int, steps: int, out: st
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.times, self.phases, self.lengths, self.t0 = [], [], [], 0.0
+            self.lengths, self.t0 = [], 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            ready()
 
         def on_step_begin(self, args, state, control, **kw):
+            wait_turn()
             timer.take()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-            self.phases.append(timer.take())
+            report("step", {"seconds": time.perf_counter() - self.t0, "phases": timer.take()})
 
-        def on_log(self, args, state, control, logs=None, **kw):
+        def on_log(self, args, state, control, logs=None, **kw):  # after on_step_end: lengths come at the end
             if logs and "completions/mean_length" in logs:
                 self.lengths.append(logs["completions/mean_length"])
 
@@ -167,28 +171,32 @@ def run_trl(method: str, model: str, data: str, warmup: int, steps: int, out: st
     trainer._get_per_token_logps_and_entropies = timer.wrap(
         scorer, lambda *a, **k: "update_forward" if torch.is_grad_enabled() else "score_ref")
     trainer.train()
-    return {"step_times": clock.times[warmup:], "phases": clock.phases[warmup:],
-            "mean_length": statistics.mean(clock.lengths[warmup:]) if clock.lengths[warmup:] else float("nan"),
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    return {"lengths": clock.lengths, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------- driver
 def worker(args) -> None:
     side, method = args.worker.split("-")
     run = run_trl if side == "trl" else run_distalign
-    print("RESULT " + json.dumps(run(method, args.model, args.data, args.warmup, args.steps, args.out)))
+    report("result", run(method, args.model, args.data, args.warmup, args.steps, args.out))
 
 
-def launch(kind: str, world: dict, warmup: int, steps: int, tmp: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", world["model"], "--data", world["data"],
-           "--warmup", str(warmup), "--steps", str(steps), "--out", tempfile.mkdtemp(dir=tmp, prefix=kind)]
+def run_round(world: dict, warmup: int, steps: int, tmp: Path) -> dict[str, dict]:
+    """Every kind in its own process, in lockstep; each result gains its timed steps and phases."""
+    commands = {kind: [sys.executable, __file__, "--worker", kind, "--model", world["model"], "--data",
+                       world["data"], "--warmup", str(warmup), "--steps", str(steps), "--out",
+                       tempfile.mkdtemp(dir=tmp, prefix=kind)] for kind in KINDS}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
                DISTALIGN_CACHE=tempfile.mkdtemp(dir=tmp))  # never a warm tokenisation cache
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    runs = run_lockstep(commands, warmup + steps, env)
+    out = {}
+    for kind, run in runs.items():
+        timed = run["steps"][warmup:]
+        lengths = [s["length"] for s in timed] if "length" in timed[0] else run["result"]["lengths"][warmup:]
+        out[kind] = {**run["result"], "step_times": [s["seconds"] for s in timed],
+                     "phases": [s["phases"] for s in timed],
+                     "mean_length": statistics.mean(lengths) if lengths else float("nan")}
+    return out
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -231,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per worker")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=1, help="how many times each worker runs (alternating)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole lockstep run (fresh processes)")
     parser.add_argument("--worker", choices=KINDS)
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--out")
     args = parser.parse_args()
@@ -244,9 +252,9 @@ def main() -> None:
         # Enough prompts that no worker wraps around an epoch while timing.
         world = build_world(tmp, n_prompts=PROMPTS * (args.warmup + args.steps) * 2)
         for _ in range(args.rounds):
-            for kind in KINDS:  # TRL and distalign alternate, one process each
-                runs[kind].append(launch(kind, world, args.warmup, args.steps, tmp))
-                print(f"{kind}: median step {statistics.median(runs[kind][-1]['step_times']):.3f} s", flush=True)
+            for kind, run in run_round(world, args.warmup, args.steps, tmp).items():
+                runs[kind].append(run)
+                print(f"{kind}: median step {statistics.median(run['step_times']):.3f} s", flush=True)
     print(f"\nthreads: {runs['distalign-grpo'][0]['threads']}; {PROMPTS} prompts x {SAMPLES} completions, "
           f"{NEW_TOKENS} new tokens, fp32, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
     print_tables({kind: summarise(r) for kind, r in runs.items()}, load)
