@@ -1,9 +1,12 @@
 """Two CPU processes (gloo) give the same model as one process with the same global batch: each process
-takes its contiguous half of every global batch and DDP averages gradients.
+takes its contiguous half of every global batch and DDP averages gradients. Offline (DPO) and online
+(GRPO: the sampler's draws are cut from one draw per global batch, so both runs sample the same tokens).
 
 accelerate 1.x's `accelerate launch --cpu --num_processes 2` starts a single process (its CPU
 multi-process path needs mpirun), so the test launches with torchrun; `accelerate launch --multi_gpu
 --num_processes 2` on a machine without GPUs forms the same gloo group (distalign passes cpu=True)."""
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -35,5 +38,42 @@ def test_two_processes_match_one(world_dir, tmp_path):
     assert double.returncode == 0, double.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "checkpoint-3" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+REWARD_MODULE = """
+def vowel_fraction(prompts, completions, **_):
+    return [sum(ch in "aeiou" for ch in s) / max(1, len(s)) for s in completions]
+"""
+
+
+def test_online_two_processes_match_one(world_dir, tmp_path):
+    (tmp_path / "two_proc_rewards.py").write_text(REWARD_MODULE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    common = [f"model.name_or_path={world_dir / 'tiny'}", f"data.train={world_dir / 'data' / 'prompts.jsonl'}",
+              "rewards=[{kind: callable, path: 'two_proc_rewards:vowel_fraction'}]", "train.max_steps=2",
+              "generation.max_new_tokens=6", "generation.temperature=1.0", "generation.num_samples=4",
+              "optim.learning_rate=1e-3", "train.progress_bar=false"]
+
+    def train(launcher: list[str], out: str, batch_size: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *launcher, "-m", "distalign", "train", "grpo", *common,
+                               f"train.output_dir={tmp_path / out}", f"train.batch_size={batch_size}"],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+    single = train([], "one", 4)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = train(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())],
+                   "two", 2)
+    assert double.returncode == 0, double.stderr[-3000:]
+    logs = [[json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+            for out in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 2  # the second process logs nothing
+    for a, b in zip(*logs):  # the same completions: the same rewards and KL
+        for key in ("train/reward_mean", "train/reward_std", "train/kl", "train/response_length"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    a = load_file(str(tmp_path / "one" / "checkpoint-2" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint-2" / "model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -26,6 +27,32 @@ def record_length(record) -> int:
     """Tokens of a tokenized record (any kind: pairs, demonstrations)."""
     fields = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
     return sum(len(getattr(record, f)) for f in fields if hasattr(record, f))
+
+
+def make_accelerator(mixed_precision: str):
+    """One Accelerator per run. Without a GPU, cpu=True makes a torchrun/accelerate multi-process launch
+    form a gloo process group (MULTI_CPU) instead of silently running each process alone."""
+    from accelerate import Accelerator
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def require_single_process(what: str) -> None:
+    """Refuse a multi-process launch for a loop that has no data or gradient split across processes
+    (each process would otherwise train its own copy and race on the same output folder)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise RuntimeError(f"{what} runs in a single process, but it was launched as one of {world} "
+                           "(WORLD_SIZE); start it without torchrun / accelerate launch")
+
+
+def mean_over_processes(values: dict, accelerator) -> dict[str, float]:
+    """Scalar metrics (tensors or numbers) averaged over the processes of a run, as floats; one sync."""
+    names = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().to(accelerator.device).reshape(())
+                           for k in names])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(names, stacked.tolist()))
 
 
 def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:

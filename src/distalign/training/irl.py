@@ -38,7 +38,7 @@ from distalign.models import (
 from distalign.objectives.online_pairwise import aihf_reward_loss
 
 from .checkpoint import begin_run
-from .common import MetricsLogger, check_finite, load_records, set_seed
+from .common import MetricsLogger, check_finite, load_records, require_single_process, set_seed
 from .online import prompt_order, train_online
 from .sampling import build_sampler
 
@@ -144,6 +144,7 @@ def train_irl(config: IRLConfig, log=print) -> dict:
     reward-step metrics and the RL run's last metrics).
     """
     cfg, out = config, Path(config.output_dir)
+    require_single_process(cfg.method)
     begin_run(cfg, out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(cfg.seed)

@@ -27,17 +27,12 @@ from .common import (
     build_scheduler,
     check_finite,
     load_records,
+    make_accelerator,
     record_length,
     set_seed,
 )
 from .reference_cache import precompute_reference_logps
 from .tasks import build_task
-
-
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """One Accelerator per run. Without a GPU, cpu=True makes a torchrun/accelerate multi-process launch
-    form a gloo process group (MULTI_CPU) instead of silently running each process alone."""
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 LENGTH_GROUP = 50  # global batches sorted together by `group_by_length`

@@ -10,13 +10,22 @@ no-grad forward of the policy. One forward of the reference gives pi0's log-prob
 objective turns them into advantages once, then each of `update_epochs` passes makes
 `num_minibatches` optimizer steps over shuffled groups (a prompt's k samples stay together, so every
 forward encodes each prompt once: `share_prompt`). The method only enters through its
-`OnlineObjective` entry. Prompt order is a permutation drawn from (seed, epoch) and the RNG is saved
-in checkpoints, so a resumed run repeats the uninterrupted one bit for bit on CPU. Single process.
+`OnlineObjective` entry.
+
+Randomness is a function of the run's seed and the step only: prompt order is a permutation drawn from
+(seed, epoch), and each step draws the sampler's uniforms for the whole global batch and the minibatch
+order from generators seeded with (seed, step). So a resumed run repeats the uninterrupted one bit for
+bit on CPU, and under `torchrun` / `accelerate launch` (DDP through accelerate) each process takes its
+contiguous share of the step's prompts and of those draws: N processes with `train.batch_size` b sample
+the same completions as one process with N b, and, where the loss is a mean over rows (GRPO, RLOO,
+REINFORCE, reverse KL by default), take the same optimizer steps (test). PPO's token-mean loss and its
+advantage whitening use each process's own rows, as TRL's do.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,6 +45,8 @@ from .common import (
     build_scheduler,
     check_finite,
     load_records,
+    make_accelerator,
+    mean_over_processes,
     set_seed,
 )
 from .rollout import ResponseForward, SampledBatch, grouped_response_forward
@@ -49,15 +60,24 @@ def prompt_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+SAMPLING, MINIBATCH_ORDER = 1, 2  # the draws a step makes, each from its own generator
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator for one kind of draw (`stream`) at one step: the same on every process."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+
+
 def prompt_text(record, tokenizer) -> str:
     """What reward functions see as the prompt: the string itself, or the rendered chat prompt."""
     return record.prompt if isinstance(record.prompt, str) else tokenizer.decode(record.prompt_ids)
 
 
 class OnlineTrainer:
-    def __init__(self, cfg: OnlineConfig, log=print):
+    def __init__(self, cfg: OnlineConfig, accelerator=None, log=print):
         self.cfg, self.log = cfg, log
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
+        self.device = self.acc.device
         set_seed(cfg.train.seed)
         self.objective = get_online_objective(cfg.method)
         self.hparams = {k: getattr(cfg.loss, k) for k in ADVANTAGE_KEYS}
@@ -73,17 +93,21 @@ class OnlineTrainer:
         needs_reference = self.objective.needs_reference(self.hparams)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.value_head = self._value_head() if self.objective.needs_value_head else None
+        # What trains (and what DDP wraps): policy + value head as one module whose forward scores a batch.
+        trained = PolicyWithValueHead(self.policy, self.value_head)
         # A LoRA policy without value head is checkpointed as itself (adapter weights only).
-        plain_lora = is_peft_model(self.policy) and self.value_head is None
-        self.module = self.policy if plain_lora else PolicyWithValueHead(self.policy, self.value_head)
+        self.module = self.policy if is_peft_model(self.policy) and self.value_head is None else trained
         t = cfg.train
-        self.steps_per_epoch = len(self.records) // t.batch_size
+        self.global_batch = t.batch_size * self.acc.num_processes
+        self.steps_per_epoch = len(self.records) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data.train}: {len(self.records)} prompts are fewer than train.batch_size={t.batch_size}")
+            raise ValueError(f"{cfg.data.train}: {len(self.records)} prompts are fewer than one global batch of "
+                             f"{self.global_batch} (train.batch_size x processes)")
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.steps_per_epoch))
-        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.optimizer = build_optimizer(trained, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          self.total_steps * cfg.update_epochs * cfg.num_minibatches)
+        self.trained, self.optimizer = self.acc.prepare(trained, self.optimizer)
         self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
@@ -100,10 +124,18 @@ class OnlineTrainer:
         return build_value_head(self.policy, "policy")
 
     def step_prompts(self, step: int) -> list:
+        """This process's contiguous share of the step's global batch of prompts."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        bs = self.cfg.train.batch_size
-        order = prompt_order(len(self.records), self.cfg.train.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
+        start = in_epoch * self.global_batch + self.acc.process_index * self.cfg.train.batch_size
+        order = prompt_order(len(self.records), self.cfg.train.seed, epoch)[start:start + self.cfg.train.batch_size]
         return [self.records[i] for i in order.tolist()]
+
+    def step_uniforms(self, step: int) -> torch.Tensor:
+        """The sampler's draws for this process's rows: its share of one (global rows, max_new_tokens) draw."""
+        rows = self.cfg.train.batch_size * self.group_size
+        everyone = torch.rand((self.global_batch * self.group_size, self.cfg.generation.max_new_tokens),
+                              generator=step_generator(self.cfg.train.seed, step, SAMPLING))
+        return everyone[self.acc.process_index * rows:(self.acc.process_index + 1) * rows].to(self.device)
 
     def score(self, records: list, batch: SampledBatch) -> torch.Tensor:
         """Rewards (B,) of the decoded completions, each prompt repeated `group_size` times."""
@@ -123,16 +155,18 @@ class OnlineTrainer:
     def rollout(self, step: int) -> tuple[SampledBatch, RolloutTensors, dict]:
         records = self.step_prompts(step)
         start = time.perf_counter()
-        batch = self.sampler.sample(self.policy, [r.prompt_ids for r in records for _ in range(self.group_size)])
+        batch = self.sampler.sample(self.policy, [r.prompt_ids for r in records for _ in range(self.group_size)],
+                                    self.step_uniforms(step))
         generation_time = time.perf_counter() - start
         scores = self.score(records, batch)
         if self.value_head is None and batch.token_logps is not None:
             old = ResponseForward(batch.token_logps, None, batch.entropy)
         else:
-            old = self.forward(self.policy, batch, self.value_head, with_entropy=True)
+            with self.acc.autocast():
+                old = self.forward(self.policy, batch, self.value_head, with_entropy=True)
         ref_token_logps = None
         if self.reference is not None:
-            with self.reference.context() as ref_model:
+            with self.reference.context() as ref_model, self.acc.autocast():
                 ref_token_logps = self.forward(ref_model, batch).token_logps
         tensors = RolloutTensors(scores, old.token_logps, batch.response_mask, ref_token_logps, old.values,
                                  self.group_size)
@@ -140,7 +174,7 @@ class OnlineTrainer:
         return batch, tensors, self.rollout_metrics(batch, tensors, old.entropy, generation_time)
 
     def rollout_metrics(self, batch: SampledBatch, r: RolloutTensors, entropy, generation_time: float) -> dict:
-        metrics = {"reward_mean": r.scores.mean(), "reward_std": r.scores.std() if len(r.scores) > 1 else r.scores[0] * 0,
+        metrics = {"reward_mean": r.scores.mean(), "reward_mean_square": r.scores.square().mean(),
                    "entropy": masked_mean(entropy, r.mask), "response_length": r.mask.sum(-1).mean(),
                    "truncated_fraction": batch.truncated.float().mean(), "generation_time": generation_time}
         if r.ref_token_logps is not None:
@@ -155,11 +189,12 @@ class OnlineTrainer:
         loss_kwargs = {"clip_eps": cfg.loss.clip_eps, "clip_eps_high": cfg.loss.clip_eps_high,
                        "length_norm": cfg.loss.length_norm, "max_length": cfg.generation.max_new_tokens,
                        "kl_coef": cfg.loss.kl_coef, "vf_coef": cfg.loss.vf_coef, "vf_clip": cfg.loss.vf_clip}
-        self.module.train()
+        self.trained.train()
         size = self.group_size
         within = torch.arange(size, device=rollout.scores.device)
+        order = step_generator(cfg.train.seed, step, MINIBATCH_ORDER)
         for _ in range(cfg.update_epochs):
-            groups = torch.randperm(len(rollout.scores) // size, device=rollout.scores.device)
+            groups = torch.randperm(len(rollout.scores) // size, generator=order).to(rollout.scores.device)
             for group_chunk in groups.chunk(cfg.num_minibatches):
                 minibatch = (group_chunk[:, None] * size + within).flatten()
                 metrics = self.optimizer_step(step, minibatch, batch, rollout, loss_kwargs)
@@ -173,18 +208,22 @@ class OnlineTrainer:
         accumulation = self.cfg.train.gradient_accumulation_steps
         micro_batches = [m.flatten() for m in rows.view(-1, self.group_size).chunk(accumulation)]
         total, sums = torch.zeros((), device=self.device), {}
-        for micro in micro_batches:
-            out = self.forward(self.policy, batch.select(micro), self.value_head)
-            losses, metrics = self.objective.loss(out.token_logps, out.values, rollout.select(micro), **loss_kwargs)
-            loss = losses.mean() * (len(micro) / len(rows))
-            loss.backward()
+        group = self.group_size if self.cfg.share_prompt else 1
+        for i, micro in enumerate(micro_batches):
+            # DDP averages gradients over processes once, at the last micro-batch's backward.
+            sync = self.acc.no_sync(self.trained) if i < len(micro_batches) - 1 else nullcontext()
+            with sync, self.acc.autocast():
+                out = self.trained(batch.select(micro), group, self.cfg.generation.temperature)
+                losses, metrics = self.objective.loss(out.token_logps, out.values, rollout.select(micro),
+                                                      **loss_kwargs)
+                loss = losses.mean() * (len(micro) / len(rows))
+                self.acc.backward(loss)
             total += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v * (len(micro) / len(rows))
         check_finite(total, step + 1)
         if self.cfg.optim.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.max_grad_norm)
-            sums["grad_norm"] = norm
+            sums["grad_norm"] = self.acc.clip_grad_norm_(self.trained.parameters(), self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,24 +235,34 @@ class OnlineTrainer:
         metrics.update(self.update(step, batch, rollout))
         if hasattr(self.sampler, "sync_weights"):
             self.sampler.sync_weights(self.policy)
-        elapsed = time.perf_counter() - start
-        values = {k: float(v) for k, v in metrics.items()}  # the one host sync of the step
-        n = len(rollout.scores)
-        values.update(completions_per_s=n / elapsed, tokens_per_s=float(rollout.mask.sum()) / elapsed,
+        metrics.update(elapsed=time.perf_counter() - start, tokens=rollout.mask.sum())
+        values = mean_over_processes(metrics, self.acc)  # the one host sync of the step
+        processes, elapsed = self.acc.num_processes, values.pop("elapsed")
+        n = len(rollout.scores) * processes  # the sample std of the global batch's rewards
+        spread = max(0.0, values.pop("reward_mean_square") - values["reward_mean"] ** 2)
+        values["reward_std"] = math.sqrt(spread * n / max(1, n - 1))
+        values.update(completions_per_s=len(rollout.scores) * processes / elapsed,
+                      tokens_per_s=values.pop("tokens") * processes / elapsed,
                       generation_share=values.pop("generation_time") / elapsed,
                       learning_rate=self.scheduler.get_last_lr()[0])
         return values
 
-    def save(self, step: int) -> Path:
-        return save_checkpoint(self.cfg.train.output_dir, step, self.module, self.optimizer, self.scheduler,
-                               {"step": step}, keep=self.cfg.train.keep_checkpoints)
+    def save(self, step: int) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            path = save_checkpoint(self.cfg.train.output_dir, step, self.module, self.optimizer, self.scheduler,
+                                   {"step": step}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
 
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
+        main = self.acc.is_main_process
         start = begin_run(self.cfg, out, resume=t.resume, model=self.module, optimizer=self.optimizer,
-                          scheduler=self.scheduler, log=self.log)
-        logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.cfg.method)
+                          scheduler=self.scheduler, log=self.log, main_process=main)
+        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.cfg.method)
         history = []
         try:
             for step in range(start, self.total_steps):
@@ -227,11 +276,14 @@ class OnlineTrainer:
         finally:
             logger.close()
         self.save(self.total_steps)
-        final = save_model(self.policy, self.tokenizer, out / "final")
-        if self.value_head is not None:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                      str(final / "value_head.safetensors"))
+        final = out / "final"
+        if main:
+            save_model(self.policy, self.tokenizer, final)
+            if self.value_head is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                          str(final / "value_head.safetensors"))
+        self.acc.wait_for_everyone()
         return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
                 "history": history, "metrics": history[-1] if history else {}}
 

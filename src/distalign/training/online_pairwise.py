@@ -18,7 +18,8 @@ Methods (consecutive samples 2i, 2i+1 of a prompt form the pair (a, b)):
   or sigma(R(y) - R(y')); policy gradient (P - 1/2) grad log pi(y) plus kl_coef * KL(pi||pi0) as above
   (`nash_md_pg_loss`). The tabular, exact Nash-MD is `training.nash`.
 Log-probs of samples are taken at the sampling temperature, so they are the sampler's own. Prompt order
-and RNG are checkpointed, so a resumed run repeats the uninterrupted one on CPU. Single process.
+and RNG are checkpointed, so a resumed run repeats the uninterrupted one on CPU. Single process (a
+multi-process launch is refused with a clear error).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from .common import (
     build_scheduler,
     check_finite,
     load_records,
+    require_single_process,
     set_seed,
 )
 from .online import prompt_order, prompt_text
@@ -54,6 +56,7 @@ class PolicySession:
 
     def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
         self.cfg, self.log = cfg, log
+        require_single_process(cfg.method)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         set_seed(cfg.train.seed)
         m = cfg.model

@@ -137,27 +137,34 @@ class CachedSampler:
         self.top_k, self.top_p, self.min_new_tokens = top_k, top_p, min_new_tokens
         self.fast_decode = fast_decode
 
-    def choose(self, scaled: Tensor, step: int) -> Tensor:
-        """Next tokens (B,) drawn from tempered logits (B, V) after the EOS ban and top-k / top-p."""
+    def choose(self, scaled: Tensor, step: int, uniform: Tensor | None = None) -> Tensor:
+        """Next tokens (B,) drawn from tempered logits (B, V) after the EOS ban and top-k / top-p, by
+        inverse CDF with one uniform per row (`uniform` (B,), else drawn from torch's global RNG)."""
         if step < self.min_new_tokens:
             scaled = scaled.clone()
             scaled[:, self.eos] = float("-inf")
-        # Inverse CDF: one uniform per row (torch.multinomial draws one exponential per vocabulary entry);
-        # the cumulative sum in float64 so that tokens far below 1e-7 keep their probability in large vocabularies.
+        # One uniform per row (torch.multinomial draws one exponential per vocabulary entry); the cumulative
+        # sum in float64 so that tokens far below 1e-7 keep their probability in large vocabularies.
         cdf = filter_logits(scaled.double(), self.top_k, self.top_p).softmax(-1).cumsum(-1)
-        uniform = torch.rand((cdf.shape[0], 1), device=cdf.device).to(cdf.dtype) * cdf[:, -1:]
-        return torch.searchsorted(cdf, uniform, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+        if uniform is None:
+            uniform = torch.rand(cdf.shape[0], device=cdf.device)
+        target = uniform.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
     @torch.no_grad()
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
-        return self._sample(model, [model], prompt_ids)
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
+        """Completions of each row's prompt. `uniforms` (B, max_new_tokens) in [0, 1), when given, are
+        the draws (row b's token t is the inverse CDF at uniforms[b, t]): a trainer that cuts them from
+        one draw per global batch samples the same tokens whatever the number of processes."""
+        return self._sample(model, [model], prompt_ids, uniforms)
 
     def distribution(self, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
         """(what `choose` draws from, its log-probs) at one step, from each forward's last logits (B, V)."""
         scaled = logits[0].float() / self.temperature
         return scaled, scaled.log_softmax(-1)
 
-    def _sample(self, model, forwards: list, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+    def _sample(self, model, forwards: list, prompt_ids: Sequence[Sequence[int]],
+                uniforms: Tensor | None = None) -> SampledBatch:
         device = next(model.parameters()).device
         unique, row_group = _groups(prompt_ids)
         ids, mask = (t.to(device) for t in left_pad(unique, self.pad))
@@ -165,7 +172,7 @@ class CachedSampler:
         was_training = model.training
         model.eval()
         try:
-            tokens, logps, entropies = self._decode(forwards, ids, mask, rows)
+            tokens, logps, entropies = self._decode(forwards, ids, mask, rows, uniforms)
         finally:
             model.train(was_training)
         batch = assemble_batch(ids.index_select(0, rows), mask.index_select(0, rows), tokens, self.eos)
@@ -173,7 +180,8 @@ class CachedSampler:
         batch.entropy = entropies * batch.response_mask
         return batch
 
-    def _decode(self, forwards: list, ids: Tensor, mask: Tensor, rows: Tensor) -> tuple[Tensor, ...]:
+    def _decode(self, forwards: list, ids: Tensor, mask: Tensor, rows: Tensor,
+                uniforms: Tensor | None = None) -> tuple[Tensor, ...]:
         """Decode with every forward in lockstep, each on its own reserved cache, all fed the token drawn
         from `distribution` of their logits. One forward for plain sampling, two for a mixture."""
         steps, logits = [], []
@@ -187,7 +195,7 @@ class CachedSampler:
         tokens, logps, entropies = [], [], []
         for i in range(self.max_new_tokens):
             scaled, log_probs = self.distribution(logits)
-            token = self.choose(scaled, i).masked_fill(finished, self.pad)
+            token = self.choose(scaled, i, None if uniforms is None else uniforms[:, i]).masked_fill(finished, self.pad)
             tokens.append(token)
             logps.append(log_probs.gather(-1, token[:, None])[:, 0])
             entropies.append(entropy_of(log_probs))
@@ -230,16 +238,16 @@ class MixtureSampler(CachedSampler):
         return mixed, mixed
 
     @torch.no_grad()
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
         with self.reference_context() as ref:
             if unwrap_model(ref) is not unwrap_model(model):  # a frozen copy: decoded as a model of its own
-                return self._sample(model, [model, ref], prompt_ids)
+                return self._sample(model, [model, ref], prompt_ids, uniforms)
 
         # A LoRA policy's reference is the same module with the adapter off: the context is entered per forward.
         def reference(**inputs):
             with self.reference_context() as ref:
                 return ref(**inputs)
-        return self._sample(model, [model, reference], prompt_ids)
+        return self._sample(model, [model, reference], prompt_ids, uniforms)
 
 
 class GenerateSampler:
@@ -257,7 +265,8 @@ class GenerateSampler:
                                        bos_token_id=tokenizer.bos_token_id)
 
     @torch.no_grad()
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
+        """`uniforms` is accepted for the common interface but unused: `generate` draws from torch's RNG."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad))
         was_training = model.training
@@ -291,7 +300,8 @@ class VLLMSampler:
                                      max_tokens=max_new_tokens, min_tokens=min_new_tokens,
                                      stop_token_ids=[self.eos])
 
-    def sample(self, model, prompt_ids: Sequence[Sequence[int]]) -> SampledBatch:
+    def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
+        """`uniforms` is accepted for the common interface but unused: vLLM draws with its own RNG."""
         from vllm.inputs import TokensPrompt
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], self.params,
                                     use_tqdm=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .rollout import grouped_response_forward
+
 
 class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
@@ -38,11 +40,17 @@ class ValueHead(nn.Module):
 
 
 class PolicyWithValueHead(nn.Module):
-    """Policy and (optional) value head as one module, so the optimizer and checkpoints cover both."""
+    """Policy and (optional) value head as one module, so the optimizer, checkpoints and DDP cover both.
+    Its forward scores a sampled batch (the update's forward goes through DDP's wrapper, which is what
+    makes DDP average the gradients)."""
 
     def __init__(self, policy: nn.Module, value_head: ValueHead | None = None):
         super().__init__()
         self.policy, self.value_head = policy, value_head
+
+    def forward(self, batch, group_size: int, temperature: float, with_entropy: bool = False):
+        """`rollout.grouped_response_forward` of the policy (values from the head, if any)."""
+        return grouped_response_forward(self.policy, batch, group_size, temperature, self.value_head, with_entropy)
 
 
 def build_value_head(policy: nn.Module, init: str = "policy", reward_model: nn.Module | None = None) -> ValueHead:
