@@ -91,7 +91,7 @@ def run_distalign(method: str, model: str, data: str, warmup: int, steps: int, o
 
     from distalign.config import load_config
     from distalign.config.online import OnlineConfig
-    from distalign.training import online
+    from distalign.training import online, value_head
     cfg = load_config(OnlineConfig, None, [
         f"method={method}", f"model.name_or_path={model}", f"data.train={data}", "data.max_prompt_length=64",
         "rewards=[{kind: callable, path: 'online:vowel_fraction'}]", f"train.batch_size={PROMPTS}",
@@ -102,11 +102,12 @@ def run_distalign(method: str, model: str, data: str, warmup: int, steps: int, o
         f"loss.kl_coef={KL}", "update_epochs=1", "num_minibatches=1"])
     timer = PhaseTimer()
     # Scoring forwards run without grad (the policy's only when the sampler kept no log-probs, then the
-    # reference); the update's with grad.
+    # reference); the update's with grad, through the trained module (`PolicyWithValueHead`).
     signature = inspect.signature(online.grouped_response_forward)
-    online.grouped_response_forward = timer.wrap(online.grouped_response_forward, lambda *a, **k: (
+    timed_forward = timer.wrap(online.grouped_response_forward, lambda *a, **k: (
         "update_forward" if torch.is_grad_enabled()
         else "score_policy" if signature.bind(*a, **k).arguments.get("with_entropy") else "score_ref"))
+    online.grouped_response_forward = value_head.grouped_response_forward = timed_forward
     trainer = online.OnlineTrainer(cfg, log=lambda *a: None)
     trainer.sampler.sample = timer.wrap(trainer.sampler.sample, lambda *a, **k: "generate")
     trainer.score = timer.wrap(trainer.score, lambda *a, **k: "reward")

@@ -28,6 +28,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distalign.config import to_dict
@@ -64,8 +65,20 @@ SAMPLING, MINIBATCH_ORDER = 1, 2  # the draws a step makes, each from its own ge
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """A CPU generator for one kind of draw (`stream`) at one step: the same on every process."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+    """A CPU generator for one kind of draw (`stream`) at one step: the same on every process.
+
+    Its seed is hashed from (seed, step, stream) by numpy's SeedSequence, which is built to give
+    independent streams for related inputs, rather than fed to torch's Mersenne Twister as nearby
+    integers (seed * C + step)."""
+    entropy = np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(entropy))
+
+
+def process_uniforms(seed: int, step: int, stream: int, rows: int, width: int, accelerator) -> torch.Tensor:
+    """A sampler's draws for this process's `rows` rows: its contiguous share of one (rows x processes,
+    width) draw, so the sampled tokens do not depend on the number of processes."""
+    everyone = torch.rand((rows * accelerator.num_processes, width), generator=step_generator(seed, step, stream))
+    return everyone[accelerator.process_index * rows:(accelerator.process_index + 1) * rows].to(accelerator.device)
 
 
 def prompt_text(record, tokenizer) -> str:
@@ -130,13 +143,6 @@ class OnlineTrainer:
         order = prompt_order(len(self.records), self.cfg.train.seed, epoch)[start:start + self.cfg.train.batch_size]
         return [self.records[i] for i in order.tolist()]
 
-    def step_uniforms(self, step: int) -> torch.Tensor:
-        """The sampler's draws for this process's rows: its share of one (global rows, max_new_tokens) draw."""
-        rows = self.cfg.train.batch_size * self.group_size
-        everyone = torch.rand((self.global_batch * self.group_size, self.cfg.generation.max_new_tokens),
-                              generator=step_generator(self.cfg.train.seed, step, SAMPLING))
-        return everyone[self.acc.process_index * rows:(self.acc.process_index + 1) * rows].to(self.device)
-
     def score(self, records: list, batch: SampledBatch) -> torch.Tensor:
         """Rewards (B,) of the decoded completions, each prompt repeated `group_size` times."""
         k = self.group_size
@@ -155,8 +161,10 @@ class OnlineTrainer:
     def rollout(self, step: int) -> tuple[SampledBatch, RolloutTensors, dict]:
         records = self.step_prompts(step)
         start = time.perf_counter()
-        batch = self.sampler.sample(self.policy, [r.prompt_ids for r in records for _ in range(self.group_size)],
-                                    self.step_uniforms(step))
+        rows = [r.prompt_ids for r in records for _ in range(self.group_size)]
+        uniforms = process_uniforms(self.cfg.train.seed, step, SAMPLING, len(rows),
+                                    self.cfg.generation.max_new_tokens, self.acc)
+        batch = self.sampler.sample(self.policy, rows, uniforms)
         generation_time = time.perf_counter() - start
         scores = self.score(records, batch)
         if self.value_head is None and batch.token_logps is not None:
