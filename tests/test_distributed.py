@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) give the same model as one process with the same global batch: each process
 takes its contiguous half of every global batch and DDP averages gradients. Offline (DPO) and online
-(GRPO: the sampler's draws are cut from one draw per global batch, so both runs sample the same tokens).
+(GRPO through DDP, online distillation through `average_gradients`: the sampler's draws are cut from one
+draw per global batch, so both runs sample the same tokens).
 
 accelerate 1.x's `accelerate launch --cpu --num_processes 2` starts a single process (its CPU
 multi-process path needs mpirun), so the test launches with torchrun; `accelerate launch --multi_gpu
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import offline_overrides
 from safetensors.torch import load_file
@@ -48,7 +50,11 @@ def vowel_fraction(prompts, completions, **_):
 """
 
 
-def test_online_two_processes_match_one(world_dir, tmp_path):
+@pytest.mark.parametrize("method, logged", [
+    ("grpo", ("train/reward_mean", "train/reward_std", "train/kl", "train/response_length")),
+    ("online_distill", ("train/reward_mean", "train/kl", "train/response_length", "train/preference_loss")),
+])
+def test_online_two_processes_match_one(world_dir, tmp_path, method, logged):
     (tmp_path / "two_proc_rewards.py").write_text(REWARD_MODULE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     common = [f"model.name_or_path={world_dir / 'tiny'}", f"data.train={world_dir / 'data' / 'prompts.jsonl'}",
@@ -57,7 +63,7 @@ def test_online_two_processes_match_one(world_dir, tmp_path):
               "optim.learning_rate=1e-3", "train.progress_bar=false"]
 
     def train(launcher: list[str], out: str, batch_size: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *launcher, "-m", "distalign", "train", "grpo", *common,
+        return subprocess.run([sys.executable, *launcher, "-m", "distalign", "train", method, *common,
                                f"train.output_dir={tmp_path / out}", f"train.batch_size={batch_size}"],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
@@ -70,7 +76,7 @@ def test_online_two_processes_match_one(world_dir, tmp_path):
             for out in ("one", "two")]
     assert len(logs[0]) == len(logs[1]) == 2  # the second process logs nothing
     for a, b in zip(*logs):  # the same completions: the same rewards and KL
-        for key in ("train/reward_mean", "train/reward_std", "train/kl", "train/response_length"):
+        for key in logged:
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
     a = load_file(str(tmp_path / "one" / "checkpoint-2" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoint-2" / "model.safetensors"))

@@ -45,6 +45,26 @@ def require_single_process(what: str) -> None:
                            "(WORLD_SIZE); start it without torchrun / accelerate launch")
 
 
+def average_gradients(model: torch.nn.Module, accelerator) -> None:
+    """Every trainable gradient replaced by its mean over the processes: one all-reduce of a flat buffer.
+
+    For loops that run several forwards of the policy before one backward, which DDP's per-forward
+    hooks do not allow. A parameter without a gradient on some process counts as zeros there, so all
+    processes reduce buffers of the same layout.
+    """
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    for p, mean in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(mean.view_as(p.grad))
+
+
 def mean_over_processes(values: dict, accelerator) -> dict[str, float]:
     """Scalar metrics (tensors or numbers) averaged over the processes of a run, as floats; one sync."""
     names = sorted(values)

@@ -24,12 +24,13 @@ from distalign.models import collate_pairs, collate_sequences, pair_logps, save_
 from distalign.objectives.online_pairwise import rpo_demos_loss, spac_loss, spin_loss
 
 from .checkpoint import begin_run
-from .common import MetricsLogger
+from .common import MetricsLogger, require_single_process
 from .online_pairwise import PolicySession
 
 
 class IterativeTrainer(PolicySession):
     def __init__(self, cfg: OnlinePairwiseConfig, log=print):
+        require_single_process(cfg.method)
         it = cfg.iteration
         self.total_steps = it.iterations * it.steps_per_iteration
         super().__init__(cfg, self.total_steps, needs_reference=cfg.method != "spin", log=log)

@@ -61,7 +61,7 @@ def prompt_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-SAMPLING, MINIBATCH_ORDER = 1, 2  # the draws a step makes, each from its own generator
+SAMPLING, MINIBATCH_ORDER, OPPONENT_SAMPLING = 1, 2, 3  # the draws a step makes, each from its own generator
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:

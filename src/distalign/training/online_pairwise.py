@@ -18,8 +18,12 @@ Methods (consecutive samples 2i, 2i+1 of a prompt form the pair (a, b)):
   or sigma(R(y) - R(y')); policy gradient (P - 1/2) grad log pi(y) plus kl_coef * KL(pi||pi0) as above
   (`nash_md_pg_loss`). The tabular, exact Nash-MD is `training.nash`.
 Log-probs of samples are taken at the sampling temperature, so they are the sampler's own. Prompt order
-and RNG are checkpointed, so a resumed run repeats the uninterrupted one on CPU. Single process (a
-multi-process launch is refused with a clear error).
+and the sampler's draws come from (seed, step) (`online.process_uniforms`), so a resumed run repeats the
+uninterrupted one on CPU. Under `torchrun` / `accelerate launch` each process takes its contiguous share
+of every global batch and of those draws, and gradients are averaged over processes after the backward
+(`common.average_gradients`: several forwards feed one backward here, which DDP's hooks do not allow);
+N processes with `train.batch_size` b match one process with N b where the loss is a mean over pairs
+(test). `PolicySession` is shared with `iterative.py`, which stays single-process.
 """
 from __future__ import annotations
 
@@ -38,15 +42,17 @@ from distalign.rewards import build_reward, import_callable
 from .checkpoint import begin_run, save_checkpoint
 from .common import (
     MetricsLogger,
+    average_gradients,
     build_optimizer,
     build_reference,
     build_scheduler,
     check_finite,
     load_records,
-    require_single_process,
+    make_accelerator,
+    mean_over_processes,
     set_seed,
 )
-from .online import prompt_order, prompt_text
+from .online import OPPONENT_SAMPLING, SAMPLING, process_uniforms, prompt_order, prompt_text
 from .rollout import SampledBatch, response_forward
 from .sampling import MixtureSampler, build_sampler, sampler_options
 
@@ -56,8 +62,8 @@ class PolicySession:
 
     def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
         self.cfg, self.log = cfg, log
-        require_single_process(cfg.method)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.acc = make_accelerator(cfg.train.mixed_precision)
+        self.device = self.acc.device
         set_seed(cfg.train.seed)
         m = cfg.model
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
@@ -65,25 +71,36 @@ class PolicySession:
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
-        self.optimizer = build_optimizer(self.policy, cfg.optim)
+        self.optimizer = self.acc.prepare(build_optimizer(self.policy, cfg.optim))  # fp16 loss scaling
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
     def load(self, path: str, kind: str) -> list:
         return load_records(self.cfg.data, path, kind, self.tokenizer, self.log)
 
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.acc.num_processes
+
     def batch_of(self, records: list, step: int) -> list:
-        """The step-th batch of a fixed-seed permutation per epoch (as Online engine I's loop)."""
-        bs = self.cfg.train.batch_size
-        per_epoch = len(records) // bs
+        """This process's share of the step-th global batch of a fixed-seed permutation per epoch (as
+        Online engine I's loop)."""
+        bs, global_batch = self.cfg.train.batch_size, self.global_batch()
+        per_epoch = len(records) // global_batch
         if per_epoch == 0:
-            raise ValueError(f"train.batch_size={bs} exceeds the {len(records)} records of a data file")
+            raise ValueError(f"train.batch_size={bs} x {self.acc.num_processes} process(es) exceeds the "
+                             f"{len(records)} records of a data file")
         epoch, in_epoch = divmod(step, per_epoch)
-        order = prompt_order(len(records), self.cfg.train.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
+        start = in_epoch * global_batch + self.acc.process_index * bs
+        order = prompt_order(len(records), self.cfg.train.seed, epoch)[start:start + bs]
         return [records[i] for i in order.tolist()]
 
-    def sample(self, prompt_ids: list, k: int) -> SampledBatch:
-        return self.sampler.sample(self.policy, [p for p in prompt_ids for _ in range(k)])
+    def sample(self, prompt_ids: list, k: int, step: int | None = None, stream: int = SAMPLING,
+               sampler=None) -> SampledBatch:
+        """k samples per prompt; with `step`, drawn from that step's `stream` (else torch's global RNG)."""
+        rows = [p for p in prompt_ids for _ in range(k)]
+        uniforms = None if step is None else process_uniforms(
+            self.cfg.train.seed, step, stream, len(rows), self.cfg.generation.max_new_tokens, self.acc)
+        return (sampler or self.sampler).sample(self.policy, rows, uniforms)
 
     def completions(self, batch: SampledBatch) -> list[str]:
         lengths = batch.response_mask.sum(-1).long().tolist()
@@ -92,23 +109,29 @@ class PolicySession:
 
     def logps(self, batch: SampledBatch, model=None):
         """Summed response log-probs (B,) at the sampling temperature; no grad unless model is None."""
-        if model is not None:
-            with torch.no_grad():
-                return response_forward(model, batch, self.cfg.generation.temperature).token_logps.sum(-1)
-        return response_forward(self.policy, batch, self.cfg.generation.temperature).token_logps.sum(-1)
+        with self.acc.autocast(), torch.set_grad_enabled(model is None and torch.is_grad_enabled()):
+            return response_forward(model or self.policy, batch, self.cfg.generation.temperature).token_logps.sum(-1)
 
     @torch.no_grad()
     def ref_logps(self, batch: SampledBatch):
         with self.reference.context() as ref_model:
             return self.logps(batch, ref_model)
 
+    def save(self, step: int) -> None:
+        """checkpoint-{step}, written by the main process while the others wait."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_checkpoint(self.cfg.train.output_dir, step, self.policy, self.optimizer, self.scheduler,
+                            {"step": step}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
     def optimizer_step(self, loss: torch.Tensor, step: int) -> dict:
         check_finite(loss.detach(), step + 1)
-        loss.backward()
+        self.acc.backward(loss)
+        average_gradients(self.policy, self.acc)
         metrics = {"loss": loss.detach()}
         if self.cfg.optim.max_grad_norm > 0:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                                  self.cfg.optim.max_grad_norm)
+            metrics["grad_norm"] = self.acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -130,7 +153,7 @@ class OnlinePairwiseTrainer(PolicySession):
         kind, path = ("pairs", cfg.pairs) if cfg.method == "pmle_online" else ("prompts", cfg.data.train)
         self.records = self.load(path, kind)
         t = cfg.train
-        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // t.batch_size)))
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // self.global_batch())))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.update_epochs)
         self.reward = build_reward(cfg.rewards, self.device, cfg.model.trust_remote_code) if cfg.rewards else None
         self.judge = import_callable(cfg.judge) if cfg.judge else None
@@ -159,7 +182,7 @@ class OnlinePairwiseTrainer(PolicySession):
         if self.method == "nash_md_pg":
             return self.nash_step(step)
         records = self.batch_of(self.records, step)
-        batch = self.sample([r.prompt_ids for r in records], self.k)
+        batch = self.sample([r.prompt_ids for r in records], self.k, step)
         scores, prompts, texts = self.score(records, batch)
         old = self.logps(batch, self.policy)
         ref = self.ref_logps(batch) if self.reference is not None else None
@@ -201,14 +224,15 @@ class OnlinePairwiseTrainer(PolicySession):
 
     def pmle_step(self, step: int) -> dict:
         records = self.batch_of(self.records, step)
-        out = pair_logps(self.policy, {k: v.to(self.device) if torch.is_tensor(v) else v
-                                       for k, v in collate_pairs(records, self.pad).items()})
+        with self.acc.autocast():
+            out = pair_logps(self.policy, {k: v.to(self.device) if torch.is_tensor(v) else v
+                                           for k, v in collate_pairs(records, self.pad).items()})
         preference = pmle_loss(out.chosen_logps, out.rejected_logps, self.cfg.loss.gamma).mean()
         metrics = {"preference_loss": preference.detach(),
                    "accuracy": (out.chosen_logps > out.rejected_logps).float().mean()}
         loss = preference
         if self.reference is not None:
-            batch = self.sample([r.prompt_ids for r in records], self.k)
+            batch = self.sample([r.prompt_ids for r in records], self.k, step)
             logps, ref = self.logps(batch), self.ref_logps(batch)
             loss = loss + self.kl_term(logps, ref)
             metrics["kl"] = kl_estimate(logps.detach(), ref).mean()
@@ -218,9 +242,9 @@ class OnlinePairwiseTrainer(PolicySession):
     def nash_step(self, step: int) -> dict:
         """One on-policy Nash-MD-PG update; y and y' are two separate samplers' draws at the same prompts."""
         records = self.batch_of(self.records, step)
-        prompt_ids = [r.prompt_ids for r in records for _ in range(self.k)]
-        batch = self.sampler.sample(self.policy, prompt_ids)
-        opponents = self.opponent_sampler.sample(self.policy, prompt_ids)
+        prompt_ids = [r.prompt_ids for r in records]
+        batch = self.sample(prompt_ids, self.k, step)
+        opponents = self.sample(prompt_ids, self.k, step, OPPONENT_SAMPLING, self.opponent_sampler)
         scores, prompts, texts = self.score(records, batch)
         opponent_scores, _, opponent_texts = self.score(records, opponents)
         pref = (self.judged(prompts, texts, opponent_texts) if self.judge is not None
@@ -240,25 +264,27 @@ class OnlinePairwiseTrainer(PolicySession):
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
+        main = self.acc.is_main_process
         start = begin_run(self.cfg, out, resume=t.resume, model=self.policy, optimizer=self.optimizer,
-                          scheduler=self.scheduler, log=self.log)
-        logger = MetricsLogger(out, True, self.total_steps, start, t.progress_bar, self.method)
+                          scheduler=self.scheduler, log=self.log, main_process=main)
+        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.method)
         history = []
         try:
             for step in range(start, self.total_steps):
                 self.policy.train()
-                metrics = {f"train/{k}": float(v) for k, v in self.train_step(step).items()}
+                metrics = {f"train/{k}": v for k, v in mean_over_processes(self.train_step(step), self.acc).items()}
                 logger.log(step + 1, metrics)
                 logger.advance()
                 history.append({"step": step + 1, **metrics})
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < self.total_steps:
-                    save_checkpoint(out, step + 1, self.policy, self.optimizer, self.scheduler, {"step": step + 1},
-                                    keep=t.keep_checkpoints)
+                    self.save(step + 1)
         finally:
             logger.close()
-        save_checkpoint(out, self.total_steps, self.policy, self.optimizer, self.scheduler,
-                        {"step": self.total_steps}, keep=t.keep_checkpoints)
-        final = save_model(self.policy, self.tokenizer, out / "final")
+        self.save(self.total_steps)
+        final = out / "final"
+        if main:
+            save_model(self.policy, self.tokenizer, final)
+        self.acc.wait_for_everyone()
         return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
                 "history": history, "metrics": history[-1] if history else {}}
 
