@@ -68,6 +68,26 @@ def test_scored_logprobs_are_the_samplers(world):
     assert torch.allclose(ours, theirs * batch.response_mask, atol=1e-5)
 
 
+def test_generate_sampler_follows_the_given_draws(world):
+    """backend=generate: the same uniforms give the same samples whatever torch's RNG state; other
+    uniforms (another step or process) give other samples; torch's RNG is left as it was."""
+    _, path, _, _ = world
+    tok, model = load_tokenizer(path), load_policy(path)
+    sampler = GenerateSampler(tok, max_new_tokens=8, temperature=1.0)
+    prompts = [tok("Tell me")["input_ids"]] * 4
+    uniforms = torch.rand((4, 8), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    first = sampler.sample(model, prompts, uniforms).input_ids
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    again = sampler.sample(model, prompts, uniforms).input_ids
+    other = sampler.sample(model, prompts, torch.rand((4, 8), generator=torch.Generator().manual_seed(2))).input_ids
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    torch.manual_seed(0)
+    sampler.sample(model, prompts, uniforms)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # Margin: the per-completion reward has std ~0.1 (logged reward_std), so a 5-step mean over 80
 # completions has standard error ~0.011 and the difference of two such means ~0.016; 0.05 is > 3 SE.
 # Untrained, the first and last 5 steps differ by < 0.02 (seed noise). RLOO and PPO learn slower: in 25

@@ -22,6 +22,7 @@ step outside the model, and DynamicCache copies the whole cache at every step (a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -250,6 +251,19 @@ class MixtureSampler(CachedSampler):
         return self._sample(model, [model, reference], prompt_ids, uniforms)
 
 
+@contextlib.contextmanager
+def _rng_seeded_by(uniforms: Tensor | None, device: torch.device):
+    """torch's RNG (CPU and `device`) forked and seeded from uniforms in [0, 1) (24 random bits each in
+    fp32: the first two give a 48-bit seed); left alone when there are none."""
+    if uniforms is None:
+        yield
+        return
+    first = (uniforms.flatten()[:2].double().cpu() * 2 ** 24).long().tolist()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sum(v << (24 * i) for i, v in enumerate(first)))
+        yield
+
+
 class GenerateSampler:
     """Batched sampling with `model.generate` (backend "generate"); log-probs come from a scoring forward."""
 
@@ -266,13 +280,15 @@ class GenerateSampler:
 
     @torch.no_grad()
     def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
-        """`uniforms` is accepted for the common interface but unused: `generate` draws from torch's RNG."""
+        """`generate` draws from torch's RNG; given `uniforms`, from a forked RNG seeded with their first
+        row (so a trainer's per-step, per-process draws still decide the sample, though not token by token)."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad))
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+            with _rng_seeded_by(uniforms, device):
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
         finally:
             model.train(was_training)
         return assemble_batch(ids, mask, out[:, ids.shape[1]:], self.eos)
