@@ -140,6 +140,18 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
     return final
 
 
+def save_checkpoint_on_main(accelerator, output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None,
+                            scheduler=None, trainer_state: dict | None = None, keep: int = 2) -> Path | None:
+    """`save_checkpoint` by the main process of a run while every process waits before and after (so none
+    reads or prunes a checkpoint another is still writing). Returns the path on the main process."""
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = save_checkpoint(output_dir, step, model, optimizer, scheduler, trainer_state, keep)
+    accelerator.wait_for_everyone()
+    return path
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (temp folders are never listed)."""
     output_dir = Path(output_dir)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from distalign.config import OfflineConfig, to_dict
 from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
-from .checkpoint import begin_run, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
     MetricsLogger,
     build_optimizer,
@@ -194,14 +194,9 @@ class OfflineTrainer:
         return {f"eval/{k}": v for k, v in _reduce_metrics(sums, count, self.acc).items()}
 
     def save(self, step: int, epoch: int) -> Path | None:
-        self.acc.wait_for_everyone()
-        path = None
-        if self.acc.is_main_process:
-            path = save_checkpoint(self.cfg.train.output_dir, step, self.acc.unwrap_model(self.model),
-                                   self.optimizer, self.scheduler, {"step": step, "epoch": epoch},
-                                   keep=self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        return path
+        return save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.acc.unwrap_model(self.model),
+                                       self.optimizer, self.scheduler, {"step": step, "epoch": epoch},
+                                       keep=self.cfg.train.keep_checkpoints)
 
     def train(self) -> dict:
         t = self.cfg.train

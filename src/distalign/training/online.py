@@ -38,7 +38,7 @@ from distalign.objectives.online_registry import RolloutTensors, get_online_obje
 from distalign.objectives.policy_gradient import masked_mean
 from distalign.rewards import build_reward
 
-from .checkpoint import begin_run, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
     MetricsLogger,
     build_optimizer,
@@ -95,6 +95,7 @@ class OnlineTrainer:
         self.objective = get_online_objective(cfg.method)
         self.hparams = {k: getattr(cfg.loss, k) for k in ADVANTAGE_KEYS}
         self.group_size = cfg.generation.num_samples
+        self.forward_group = self.group_size if cfg.share_prompt else 1  # rows encoded with one prompt copy
         if self.group_size < self.objective.min_group_size:
             raise ValueError(f"generation.num_samples: {cfg.method} needs at least "
                              f"{self.objective.min_group_size} samples per prompt, got {self.group_size}")
@@ -125,9 +126,8 @@ class OnlineTrainer:
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
 
     def forward(self, model, batch: SampledBatch, value_head=None, with_entropy: bool = False) -> ResponseForward:
-        group = self.group_size if self.cfg.share_prompt else 1
-        return grouped_response_forward(model, batch, group, self.cfg.generation.temperature, value_head,
-                                        with_entropy)
+        return grouped_response_forward(model, batch, self.forward_group, self.cfg.generation.temperature,
+                                        value_head, with_entropy)
 
     def _value_head(self):
         if self.cfg.value_init == "reward_model":
@@ -216,12 +216,11 @@ class OnlineTrainer:
         accumulation = self.cfg.train.gradient_accumulation_steps
         micro_batches = [m.flatten() for m in rows.view(-1, self.group_size).chunk(accumulation)]
         total, sums = torch.zeros((), device=self.device), {}
-        group = self.group_size if self.cfg.share_prompt else 1
         for i, micro in enumerate(micro_batches):
             # DDP averages gradients over processes once, at the last micro-batch's backward.
             sync = self.acc.no_sync(self.trained) if i < len(micro_batches) - 1 else nullcontext()
             with sync, self.acc.autocast():
-                out = self.trained(batch.select(micro), group, self.cfg.generation.temperature)
+                out = self.trained(batch.select(micro), self.forward_group, self.cfg.generation.temperature)
                 losses, metrics = self.objective.loss(out.token_logps, out.values, rollout.select(micro),
                                                       **loss_kwargs)
                 loss = losses.mean() * (len(micro) / len(rows))
@@ -256,13 +255,8 @@ class OnlineTrainer:
         return values
 
     def save(self, step: int) -> Path | None:
-        self.acc.wait_for_everyone()
-        path = None
-        if self.acc.is_main_process:
-            path = save_checkpoint(self.cfg.train.output_dir, step, self.module, self.optimizer, self.scheduler,
-                                   {"step": step}, keep=self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        return path
+        return save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.module, self.optimizer,
+                                       self.scheduler, {"step": step}, keep=self.cfg.train.keep_checkpoints)
 
     def train(self) -> dict:
         t = self.cfg.train

@@ -39,7 +39,7 @@ from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss,
 from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
 from distalign.rewards import build_reward, import_callable
 
-from .checkpoint import begin_run, save_checkpoint
+from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
     MetricsLogger,
     average_gradients,
@@ -118,12 +118,8 @@ class PolicySession:
             return self.logps(batch, ref_model)
 
     def save(self, step: int) -> None:
-        """checkpoint-{step}, written by the main process while the others wait."""
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            save_checkpoint(self.cfg.train.output_dir, step, self.policy, self.optimizer, self.scheduler,
-                            {"step": step}, keep=self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
+        save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.policy, self.optimizer,
+                                self.scheduler, {"step": step}, keep=self.cfg.train.keep_checkpoints)
 
     def optimizer_step(self, loss: torch.Tensor, step: int) -> dict:
         check_finite(loss.detach(), step + 1)

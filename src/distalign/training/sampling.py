@@ -280,8 +280,8 @@ class GenerateSampler:
 
     @torch.no_grad()
     def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
-        """`generate` draws from torch's RNG; given `uniforms`, from a forked RNG seeded with their first
-        row (so a trainer's per-step, per-process draws still decide the sample, though not token by token)."""
+        """`generate` draws from torch's RNG; given `uniforms`, from a forked RNG seeded with their first two
+        values (so a trainer's per-step, per-process draws still decide the sample, though not token by token)."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad))
         was_training = model.training
