@@ -1,7 +1,8 @@
 """Two CPU processes (gloo) give the same model as one process with the same global batch: each process
 takes its contiguous half of every global batch and DDP averages gradients. Offline (DPO) and online
-(GRPO through DDP, online distillation through `average_gradients`: the sampler's draws are cut from one
-draw per global batch, so both runs sample the same tokens).
+(GRPO and PPO through DDP, online distillation and online DPO through `average_gradients`: the
+sampler's draws are cut from one draw per global batch, so both runs sample the same tokens; batch
+statistics such as PPO's whitening are reduced over both processes).
 
 accelerate 1.x's `accelerate launch --cpu --num_processes 2` starts a single process (its CPU
 multi-process path needs mpirun), so the test launches with torchrun; `accelerate launch --multi_gpu
@@ -50,11 +51,15 @@ def vowel_fraction(prompts, completions, **_):
 """
 
 
-@pytest.mark.parametrize("method, logged", [
-    ("grpo", ("train/reward_mean", "train/reward_std", "train/kl", "train/response_length")),
-    ("online_distill", ("train/reward_mean", "train/kl", "train/response_length", "train/preference_loss")),
+@pytest.mark.parametrize("method, logged, extra", [
+    ("grpo", ("train/reward_mean", "train/reward_std", "train/kl", "train/response_length"), []),
+    # PPO: advantage whitening and the token mean span both processes; two epochs move the ratio off 1.
+    ("ppo", ("train/reward_mean", "train/kl", "train/value_loss", "train/policy_loss"), ["update_epochs=2"]),
+    ("online_distill", ("train/reward_mean", "train/kl", "train/response_length", "train/preference_loss"), []),
+    # online DPO: the mean over labelled pairs (reward ties dropped) spans both processes.
+    ("online_dpo", ("train/reward_mean", "train/labelled_fraction", "train/preference_loss"), []),
 ])
-def test_online_two_processes_match_one(world_dir, tmp_path, method, logged):
+def test_online_two_processes_match_one(world_dir, tmp_path, method, logged, extra):
     (tmp_path / "two_proc_rewards.py").write_text(REWARD_MODULE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     common = [f"model.name_or_path={world_dir / 'tiny'}", f"data.train={world_dir / 'data' / 'prompts.jsonl'}",
@@ -64,7 +69,7 @@ def test_online_two_processes_match_one(world_dir, tmp_path, method, logged):
 
     def train(launcher: list[str], out: str, batch_size: int) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *launcher, "-m", "distalign", "train", method, *common,
-                               f"train.output_dir={tmp_path / out}", f"train.batch_size={batch_size}"],
+                               f"train.output_dir={tmp_path / out}", f"train.batch_size={batch_size}", *extra],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
     single = train([], "one", 4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distalign.objectives import dpo_loss, kl_estimate, score_function_kl
+from distalign.objectives import kl_estimate, score_function_kl
 from distalign.objectives.online_pairwise import (aihf_reward_loss, geometric_mixture, nash_md_objective,
                                                    nash_md_pg_loss, nash_md_step, orient_pairs, rebel_loss,
                                                    rpo_demos_loss, spac_loss, spin_loss)

@@ -1,5 +1,6 @@
 """Policy-gradient objectives against independent float64 formulas written with Python loops."""
 import math
+import threading
 
 import pytest
 import torch
@@ -186,3 +187,48 @@ def test_registry_entries_and_errors():
     assert not ONLINE_OBJECTIVES["grpo"].needs_reference({"kl_coef": 0.0})
     with pytest.raises(ValueError, match="unknown online method 'dpo'"):
         get_online_objective("dpo")
+
+
+def as_processes(fn, shards):
+    """fn(shard, sum_processes) for every shard, each in its own thread, as on that many processes:
+    `sum_processes` is a collective, blocking until every shard has contributed, then returning the sum."""
+    barrier, slots, results = threading.Barrier(len(shards)), [None] * len(shards), [None] * len(shards)
+
+    def run(i):
+        def sum_processes(tensor):
+            slots[i] = tensor
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+        results[i] = fn(shards[i], sum_processes)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_batch_statistics_with_sum_processes_equal_one_process_with_every_row():
+    x, mask = rand(6, 4, seed=7), torch.cat([MASK, MASK.flip(0)])
+    shards = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    whitened = as_processes(lambda s, sum_processes: masked_whiten(*s, sum_processes=sum_processes), shards)
+    torch.testing.assert_close(torch.cat(whitened), masked_whiten(x, mask), rtol=0, atol=1e-12)
+    assert not torch.allclose(torch.cat([masked_whiten(*s) for s in shards]), masked_whiten(x, mask))
+    returns = x[:, 0]
+    centred = as_processes(lambda r, sum_processes: reinforce_advantages(r, sum_processes),
+                           [returns[:2], returns[2:]])  # unequal shares: the mean weighs rows, not processes
+    torch.testing.assert_close(torch.cat(centred), reinforce_advantages(returns), rtol=0, atol=1e-12)
+
+
+def test_token_mean_with_a_global_mean_length_weighs_every_token_alike():
+    x, mask = rand(6, 4, seed=8), torch.cat([MASK, MASK.flip(0)])
+    mean_length = mask.sum() / len(mask)  # of all rows, as the loop passes it
+    halves = [aggregate_token_losses(x[s], mask[s], "token", mean_length=mean_length).mean()
+              for s in (slice(0, 3), slice(3, 6))]
+    # Averaging the halves' losses (DDP averages their gradients) gives the mean over all tokens.
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(((x * mask).sum() / mask.sum()).item())
+    torch.testing.assert_close(aggregate_token_losses(x, mask, "token", mean_length=mean_length),
+                               aggregate_token_losses(x, mask, "token"))

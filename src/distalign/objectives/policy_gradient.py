@@ -5,8 +5,14 @@ Shapes: B completions, T response tokens (right-padded); `mask` (B, T) is 1 on r
 temperature; `old_token_logps` the same under the policy that sampled (no grad); `ref_token_logps`
 under pi0. Advantage functions return (B, T) tensors; losses return per-example (B,) tensors whose
 `.mean()` is the batch loss (see `aggregate_token_losses` for the length normalisations).
+
+Statistics over a whole batch (whitening, the REINFORCE baseline) take an optional `sum_processes`, a
+function that sums a tensor over the processes of a run: with it they are the statistics of the global
+batch, so N processes compute what one process with all their rows would.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -14,6 +20,11 @@ from torch import Tensor
 from .kl import leave_one_out_baseline
 
 LENGTH_NORMS = ("sequence", "token", "constant")
+SumOverProcesses = Callable[[Tensor], Tensor]
+
+
+def _summed(x: Tensor, sum_processes: SumOverProcesses | None) -> Tensor:
+    return x if sum_processes is None else sum_processes(x)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -23,15 +34,18 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_processes: SumOverProcesses | None = None) -> Tensor:
     """(x - mean) / std over the masked entries (PPO advantage whitening; Huang et al. 2024 "N+ details").
 
     The variance is the unbiased masked variance; with `shift_mean=False` only the scale changes.
-    Padding positions come back as 0.
+    Padding positions come back as 0. Mean and variance are over every process's entries with
+    `sum_processes` (two reductions: the variance is taken around the global mean).
     """
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    var = ((values - mean).square() * mask).sum() / (count - 1).clamp(min=1)
+    totals = _summed(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]), sum_processes)
+    count = totals[1]
+    mean = totals[0] / count.clamp(min=1)
+    var = _summed(((values - mean).square() * mask).sum(), sum_processes) / (count - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -39,12 +53,13 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
 
 
 def aggregate_token_losses(token_losses: Tensor, mask: Tensor, length_norm: str = "sequence",
-                           max_length: int | None = None) -> Tensor:
+                           max_length: int | None = None, mean_length: Tensor | float | None = None) -> Tensor:
     """(B, T) per-token losses -> (B,) per-example losses whose mean is the batch loss.
 
     - "sequence" (GRPO, Shao et al. 2024 Eq. 3): l_i = (1/|y_i|) sum_t l_it; long answers weigh less per token.
-    - "token" (DAPO, Yu et al. 2025 Eq. 8): l_i = B sum_t l_it / sum_j |y_j|, so mean_i l_i is the
-      mean over all tokens of the batch.
+    - "token" (DAPO, Yu et al. 2025 Eq. 8): l_i = sum_t l_it / mean_j |y_j|, so mean_i l_i is the
+      mean over all tokens of the batch. `mean_length` defaults to this batch's; a loop passes that
+      of the whole optimizer step (all micro-batches, all processes), so every token weighs alike.
     - "constant" (Dr. GRPO, Liu et al. 2025): l_i = sum_t l_it / L with a constant L (`max_length`,
       default T), removing the length bias of "sequence".
     """
@@ -52,7 +67,9 @@ def aggregate_token_losses(token_losses: Tensor, mask: Tensor, length_norm: str 
     if length_norm == "sequence":
         return summed / mask.sum(-1).clamp(min=1)
     if length_norm == "token":
-        return summed * mask.shape[0] / mask.sum().clamp(min=1)
+        if mean_length is None:
+            return summed * mask.shape[0] / mask.sum().clamp(min=1)
+        return summed / mean_length
     if length_norm == "constant":
         return summed / float(max_length or mask.shape[-1])
     raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
@@ -60,8 +77,8 @@ def aggregate_token_losses(token_losses: Tensor, mask: Tensor, length_norm: str 
 
 def clipped_surrogate_loss(token_logps: Tensor, old_token_logps: Tensor, advantages: Tensor, mask: Tensor,
                            clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                           length_norm: str = "sequence", max_length: int | None = None
-                           ) -> tuple[Tensor, Tensor]:
+                           length_norm: str = "sequence", max_length: int | None = None,
+                           mean_length: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017, Eq. 7), per token, then `aggregate_token_losses`.
 
     l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t),  rho_t = exp(log pi - log pi_old).
@@ -75,7 +92,7 @@ def clipped_surrogate_loss(token_logps: Tensor, old_token_logps: Tensor, advanta
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * advantages
     token_losses = -torch.minimum(unclipped, clipped)
     was_clipped = (clipped < unclipped).to(token_logps.dtype) * mask
-    return aggregate_token_losses(token_losses, mask, length_norm, max_length), was_clipped
+    return aggregate_token_losses(token_losses, mask, length_norm, max_length, mean_length), was_clipped
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
@@ -132,11 +149,15 @@ def sequence_kl_penalized_scores(scores: Tensor, token_logps: Tensor, ref_token_
     return scores - kl_coef * ((token_logps - ref_token_logps) * mask).sum(-1)
 
 
-def reinforce_advantages(returns: Tensor) -> Tensor:
+def reinforce_advantages(returns: Tensor, sum_processes: SumOverProcesses | None = None) -> Tensor:
     """REINFORCE with the batch-mean baseline (Williams 1992): A_i = R_i - mean_j R_j. (B,) -> (B,).
 
-    The baseline includes R_i itself, which biases the gradient by a factor (1 - 1/B); RLOO removes that."""
-    return returns - returns.mean()
+    The baseline includes R_i itself, which biases the gradient by a factor (1 - 1/B); RLOO removes that.
+    With `sum_processes` the mean is over every process's returns."""
+    if sum_processes is None:
+        return returns - returns.mean()
+    totals = sum_processes(torch.stack([returns.sum(), returns.new_tensor(float(len(returns)))]))
+    return returns - totals[0] / totals[1]
 
 
 def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:

@@ -91,7 +91,7 @@ def _reduce_metrics(sums: dict, count: int, accelerator: Accelerator) -> dict:
 class OfflineTrainer:
     def __init__(self, cfg: OfflineConfig, accelerator: Accelerator | None = None, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                         trust_remote_code=cfg.model.trust_remote_code)

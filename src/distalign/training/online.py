@@ -48,6 +48,7 @@ from .common import (
     load_records,
     make_accelerator,
     mean_over_processes,
+    process_sum,
     set_seed,
 )
 from .rollout import ResponseForward, SampledBatch, grouped_response_forward
@@ -89,11 +90,13 @@ def prompt_text(record, tokenizer) -> str:
 class OnlineTrainer:
     def __init__(self, cfg: OnlineConfig, accelerator=None, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
         self.device = self.acc.device
         set_seed(cfg.train.seed)
         self.objective = get_online_objective(cfg.method)
         self.hparams = {k: getattr(cfg.loss, k) for k in ADVANTAGE_KEYS}
+        self.sum_processes = process_sum(self.acc)  # whitening, baselines and token means span all processes
+        self.length_norm = cfg.loss.length_norm or self.objective.length_norm
         self.group_size = cfg.generation.num_samples
         self.forward_group = self.group_size if cfg.share_prompt else 1  # rows encoded with one prompt copy
         if self.group_size < self.objective.min_group_size:
@@ -178,7 +181,7 @@ class OnlineTrainer:
                 ref_token_logps = self.forward(ref_model, batch).token_logps
         tensors = RolloutTensors(scores, old.token_logps, batch.response_mask, ref_token_logps, old.values,
                                  self.group_size)
-        tensors = self.objective.prepare(tensors, self.hparams)
+        tensors = self.objective.prepare(tensors, self.hparams, self.sum_processes)
         return batch, tensors, self.rollout_metrics(batch, tensors, old.entropy, generation_time)
 
     def rollout_metrics(self, batch: SampledBatch, r: RolloutTensors, entropy, generation_time: float) -> dict:
@@ -195,7 +198,7 @@ class OnlineTrainer:
         """`update_epochs` shuffled passes of `num_minibatches` optimizer steps over the rollout."""
         cfg, sums, updates = self.cfg, {}, 0
         loss_kwargs = {"clip_eps": cfg.loss.clip_eps, "clip_eps_high": cfg.loss.clip_eps_high,
-                       "length_norm": cfg.loss.length_norm, "max_length": cfg.generation.max_new_tokens,
+                       "length_norm": self.length_norm, "max_length": cfg.generation.max_new_tokens,
                        "kl_coef": cfg.loss.kl_coef, "vf_coef": cfg.loss.vf_coef, "vf_clip": cfg.loss.vf_clip}
         self.trained.train()
         size = self.group_size
@@ -215,6 +218,10 @@ class OnlineTrainer:
                        loss_kwargs: dict) -> dict:
         accumulation = self.cfg.train.gradient_accumulation_steps
         micro_batches = [m.flatten() for m in rows.view(-1, self.group_size).chunk(accumulation)]
+        if self.length_norm == "token":  # one token mean over the optimizer step's rows of every process
+            totals = torch.stack([rollout.mask[rows].sum(), rollout.mask.new_tensor(float(len(rows)))])
+            totals = totals if self.sum_processes is None else self.sum_processes(totals)
+            loss_kwargs = {**loss_kwargs, "mean_length": totals[0] / totals[1]}
         total, sums = torch.zeros((), device=self.device), {}
         for i, micro in enumerate(micro_batches):
             # DDP averages gradients over processes once, at the last micro-batch's backward.

@@ -50,6 +50,7 @@ from .common import (
     load_records,
     make_accelerator,
     mean_over_processes,
+    process_sum,
     set_seed,
 )
 from .online import OPPONENT_SAMPLING, SAMPLING, process_uniforms, prompt_order, prompt_text
@@ -62,7 +63,7 @@ class PolicySession:
 
     def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = make_accelerator(cfg.train.mixed_precision)
+        self.acc = make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
         self.device = self.acc.device
         set_seed(cfg.train.seed)
         m = cfg.model
@@ -204,7 +205,11 @@ class OnlinePairwiseTrainer(PolicySession):
             chosen, rejected = orient_pairs(a, b, a_wins)
             ref_chosen, ref_rejected = orient_pairs(ref[0::2], ref[1::2], a_wins)
             losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, hp.beta)
-            loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+            # The mean over every process's labelled pairs: gradients are averaged over processes next.
+            kept, scale = keep.sum(), 1.0
+            if (sum_processes := process_sum(self.acc)) is not None:
+                kept, scale = sum_processes(kept), float(self.acc.num_processes)
+            loss = scale * (losses * keep).sum() / kept.clamp(min=1)
             return loss, {"labelled_fraction": keep.float().mean(), "preference_loss": loss.detach()}
         if self.method == "rebel":
             loss = rebel_loss(a, b, old[0::2], old[1::2], scores[0::2], scores[1::2], hp.eta).mean()
