@@ -223,3 +223,75 @@ def test_mixture_sampler_with_a_lora_policy_uses_the_adapter_free_reference(mode
     with torch.no_grad():   # the adapter is on again after sampling
         assert not torch.allclose(response_forward(policy, batch).token_logps,
                                   response_forward(base, batch).token_logps, atol=1e-3)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in `vllm` package recording what the sampler sends: the V1 engine's in-process layout,
+    three fixed tokens then EOS per request."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, gpu_memory_utilization):
+            runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda w: seen.update(weights=dict(w))))
+            worker = SimpleNamespace(model_runner=None, worker=SimpleNamespace(model_runner=runner))
+            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
+
+        def generate(self, prompts, params, use_tqdm):
+            seen["prompts"], seen["params"] = prompts, params
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, 6, 7, self.eos])]) for _ in prompts]
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, lambda **kw: kw
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: prompt_token_ids
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    return LLM, seen
+
+
+def test_vllm_requests_are_seeded_from_each_rows_draws(models, fake_vllm):
+    from distalign.training.sampling import VLLMSampler, row_seeds
+    LLM, seen = fake_vllm
+    tok, model = load_tokenizer(models["llama"]), load_policy(models["llama"])
+    LLM.eos = tok.eos_token_id
+    sampler = VLLMSampler(tok, models["llama"], max_new_tokens=4, temperature=0.7, top_k=5)
+    prompts = grouped_prompts(tok, 2)
+    draws = torch.rand(len(prompts), 4, generator=torch.Generator().manual_seed(0))
+    batch = sampler.sample(model, prompts, draws)
+    seeds = [p["seed"] for p in seen["params"]]
+    assert seeds == row_seeds(draws) and len(set(seeds)) == len(prompts)
+    assert seen["params"][0] == {"temperature": 0.7, "top_k": 5, "top_p": 1.0, "max_tokens": 4, "min_tokens": 0,
+                                 "stop_token_ids": [tok.eos_token_id], "seed": seeds[0]}
+    assert batch.response_mask.sum(-1).tolist() == [4] * len(prompts)  # up to and including EOS
+    sampler.sample(model, prompts, draws.clone())
+    assert [p["seed"] for p in seen["params"]] == seeds  # the same draws (a resumed step): the same seeds
+    sampler.sample(model, prompts)
+    assert "seed" not in seen["params"]  # no draws: one unseeded request setting for all
+
+
+def test_vllm_weight_sync_folds_a_lora_adapter_into_base_names(models, fake_vllm):
+    import copy
+
+    from distalign.training.sampling import VLLMSampler
+    LLM, seen = fake_vllm
+    tok = load_tokenizer(models["llama"])
+    LLM.eos = tok.eos_token_id
+    base = load_policy(models["llama"])
+    policy = load_policy(models["llama"], lora={"r": 4, "alpha": 8})
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    VLLMSampler(tok, models["llama"], max_new_tokens=4, temperature=1.0).sync_weights(policy)
+    want = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert seen["weights"].keys() == base.state_dict().keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(seen["weights"][k], want[k], msg=k)
+    assert any(not torch.equal(want[k], base.state_dict()[k]) for k in want)  # the adapter did change weights
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())  # the policy is untouched

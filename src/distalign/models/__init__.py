@@ -11,6 +11,7 @@ from .loading import (
                       load_policy,
                       load_reward_model,
                       load_tokenizer,
+                      merged_state_dict,
                       reference_context,
                       save_model,
                       unwrap_model,
@@ -29,7 +30,8 @@ from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
     "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "is_peft_model",
-    "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model", "pair_logps",
+    "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model",
+    "merged_state_dict", "pair_logps",
     "reference_context", "reward_scores", "save_model", "score_sequences", "sequence_logps", "shared_prompt_attention", "shared_prompt_mask",
     "supports_shared_prompt",
     "token_logps_from_logits", "train_tokenizer", "unshare_pairs", "unwrap_model",

@@ -208,6 +208,40 @@ class ReferenceModel:
             yield module
 
 
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights under the names of its plain base checkpoint, a LoRA adapter folded in.
+
+    For pushing a policy into an inference engine (vLLM) that knows only the base architecture.
+    Non-LoRA models give their own state dict. The model is not touched: merging and unmerging in
+    place would round the frozen base weights at every sync (in bf16, by up to 2^-8 of their size).
+    """
+    model = unwrap_model(model)
+    if not is_peft_model(model):
+        return dict(model.state_dict())
+    from peft.tuners.lora import LoraLayer
+    deltas = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
+        if any(getattr(module, "use_dora", {}).get(a, False) for a in adapters):
+            raise ValueError(f"{name}: DoRA adapters cannot be folded into the base weights for the engine")
+        for adapter in adapters:
+            delta = module.get_delta_weight(adapter)
+            key = f"{name}.base_layer.weight"
+            deltas[key] = deltas[key] + delta if key in deltas else delta
+    merged = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue  # adapter factors (folded in below) and the frozen copies of modules_to_save
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        merged[name.replace(".modules_to_save.default.", ".")] = tensor
+    return merged
+
+
 def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = False) -> Path:
     """Write `model` (safetensors) and `tokenizer` to `out_dir`.
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from distalign.models import unwrap_model
+from distalign.models import merged_state_dict, unwrap_model
 from distalign.models.fast_decode import LlamaDecoder
 from distalign.objectives import geometric_mixture
 
@@ -253,15 +253,20 @@ class MixtureSampler(CachedSampler):
 
 @contextlib.contextmanager
 def _rng_seeded_by(uniforms: Tensor | None, device: torch.device):
-    """torch's RNG (CPU and `device`) forked and seeded from uniforms in [0, 1) (24 random bits each in
-    fp32: the first two give a 48-bit seed); left alone when there are none."""
+    """torch's RNG (CPU and `device`) forked and seeded from the first row's draws (`row_seeds`); left
+    alone when there are none."""
     if uniforms is None:
         yield
         return
-    first = (uniforms.flatten()[:2].double().cpu() * 2 ** 24).long().tolist()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(sum(v << (24 * i) for i, v in enumerate(first)))
+        torch.manual_seed(row_seeds(uniforms[:1])[0])
         yield
+
+
+def row_seeds(uniforms: Tensor) -> list[int]:
+    """One 48-bit seed per row of draws in [0, 1): its first two values hold 24 random bits each (fp32)."""
+    bits = (uniforms[:, :2].double().cpu() * 2 ** 24).long().tolist()
+    return [sum(v << (24 * i) for i, v in enumerate(row)) for row in bits]
 
 
 class GenerateSampler:
@@ -300,7 +305,10 @@ class GenerateSampler:
 class VLLMSampler:
     """The same interface on a vLLM engine; the policy's weights are pushed into it after each update.
 
-    Not exercised by the test suite (vLLM needs a GPU and is not a dependency); import-guarded.
+    Each request is seeded from its row's draws (`row_seeds`), so a run resumes with the same samples
+    and the processes of a run draw differently, as with the other backends. A LoRA policy is pushed
+    with its adapter folded in, under the base model's names (`merged_state_dict`). Not exercised
+    against a real engine by the test suite (vLLM needs a GPU and is not a dependency); import-guarded.
     """
 
     def __init__(self, tokenizer, model_path: str, max_new_tokens: int, temperature: float, top_k: int = 0,
@@ -312,14 +320,15 @@ class VLLMSampler:
                               "use generation.backend=hf") from None
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization)
-        self.params = SamplingParams(temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
-                                     max_tokens=max_new_tokens, min_tokens=min_new_tokens,
-                                     stop_token_ids=[self.eos])
+        self.sampling_params = functools.partial(
+            SamplingParams, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
+            max_tokens=max_new_tokens, min_tokens=min_new_tokens, stop_token_ids=[self.eos])
 
     def sample(self, model, prompt_ids: Sequence[Sequence[int]], uniforms: Tensor | None = None) -> SampledBatch:
-        """`uniforms` is accepted for the common interface but unused: vLLM draws with its own RNG."""
         from vllm.inputs import TokensPrompt
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], self.params,
+        params = ([self.sampling_params(seed=seed) for seed in row_seeds(uniforms)] if uniforms is not None
+                  else self.sampling_params())
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                     use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         width = max(1, max(len(r) for r in responses))
@@ -331,8 +340,22 @@ class VLLMSampler:
         return assemble_batch(ids.to(device), mask.to(device), response_ids.to(device), self.eos)
 
     def sync_weights(self, model) -> None:
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
+        weights = merged_state_dict(model)
+        engine_model(self.llm).load_weights(weights.items())
+
+
+def engine_model(llm):
+    """The model inside an in-process vLLM engine: the V0 engine's driver worker, or the V1 engine's
+    when it runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    worker = llm.llm_engine.model_executor.driver_worker
+    for path in (("model_runner", "model"), ("worker", "model_runner", "model")):
+        found = worker
+        for attribute in path:
+            found = getattr(found, attribute, None)
+        if found is not None:
+            return found
+    raise RuntimeError("vllm: cannot reach the engine's model to push the policy's weights (this vLLM "
+                       "version runs it out of process; set VLLM_ENABLE_V1_MULTIPROCESSING=0)")
 
 
 def sampler_options(generation) -> dict:
