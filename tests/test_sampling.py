@@ -295,3 +295,11 @@ def test_vllm_weight_sync_folds_a_lora_adapter_into_base_names(models, fake_vllm
         torch.testing.assert_close(seen["weights"][k], want[k], msg=k)
     assert any(not torch.equal(want[k], base.state_dict()[k]) for k in want)  # the adapter did change weights
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())  # the policy is untouched
+
+
+def test_vllm_engine_without_an_in_process_model_gives_a_clear_error():
+    from types import SimpleNamespace
+
+    from distalign.training.sampling import engine_model
+    with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
+        engine_model(SimpleNamespace(llm_engine=SimpleNamespace()))  # V1 with its engine core in another process

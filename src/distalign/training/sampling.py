@@ -347,9 +347,9 @@ class VLLMSampler:
 def engine_model(llm):
     """The model inside an in-process vLLM engine: the V0 engine's driver worker, or the V1 engine's
     when it runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    worker = llm.llm_engine.model_executor.driver_worker
-    for path in (("model_runner", "model"), ("worker", "model_runner", "model")):
-        found = worker
+    worker = ("llm_engine", "model_executor", "driver_worker")
+    for path in (worker + ("model_runner", "model"), worker + ("worker", "model_runner", "model")):
+        found = llm
         for attribute in path:
             found = getattr(found, attribute, None)
         if found is not None:
