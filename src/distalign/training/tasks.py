@@ -81,13 +81,13 @@ class PairwiseTask:
         return out.chosen_logps, out.rejected_logps
 
     def loss(self, model, batch, reference: ReferenceModel | None = None) -> tuple[Tensor, dict]:
-        out = pair_logps(model, batch)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             if "ref_chosen_logps" in batch:  # precomputed once for the whole dataset
                 ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-            else:
+            else:  # before the policy: its transient memory then never adds to the policy's saved activations
                 ref_chosen, ref_rejected = self.reference_logps(batch, reference)
+        out = pair_logps(model, batch)
         logps = PairLogps(out.chosen_logps, out.rejected_logps, out.chosen_lengths.float(),
                           out.rejected_lengths.float(), ref_chosen, ref_rejected)
         losses = self.objective(logps, **self.kwargs)
