@@ -139,3 +139,18 @@ def test_reward_model_from_causal_checkpoint_gets_pad_id(tiny):
     model = load_reward_model(tiny["llama"], pad_token_id=0)
     assert model.config.num_labels == 1 and model.config.pad_token_id == 0
     assert model(input_ids=torch.tensor([[5, 6, 0]])).logits.shape == (1, 1)
+
+
+def test_lora_reference_runs_in_eval_mode_inside_a_training_policy(tiny):
+    """A policy in train mode with dropout: the reference forward must not draw dropout."""
+    base = load_policy(tiny["llama"]).eval()
+    policy = load_policy(tiny["llama"], lora={"r": 4, "alpha": 8})
+    for module in policy.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    policy.train()
+    torch.manual_seed(0)
+    assert (logps_of(policy) - logps_of(policy)).abs().max() > 1e-3  # dropout is live in train mode
+    with reference_context(policy) as ref:
+        torch.testing.assert_close(logps_of(ref), logps_of(base), rtol=0, atol=1e-6)
+    assert policy.training and all(m.training for m in policy.modules())  # train mode is restored

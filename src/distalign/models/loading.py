@@ -174,13 +174,20 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run `model` as the reference pi0 under no_grad.
 
-    For a PEFT policy the reference is the same weights with the adapter disabled (no second copy);
-    any other model is taken to be a frozen reference already and is yielded unchanged.
+    For a PEFT policy the reference is the same weights with the adapter disabled (no second copy), in
+    eval mode for the duration (a training policy would otherwise draw dropout in the reference's
+    forward); any other model is taken to be a frozen reference already and is yielded unchanged.
     """
     with torch.no_grad():
         if is_peft_model(model):
-            with unwrap_model(model).disable_adapter():
-                yield model
+            peft_model = unwrap_model(model)
+            was_training = peft_model.training
+            peft_model.eval()
+            try:
+                with peft_model.disable_adapter():
+                    yield model
+            finally:
+                peft_model.train(was_training)
         else:
             yield model
 
