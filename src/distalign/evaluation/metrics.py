@@ -59,13 +59,8 @@ def rm_accuracy(chosen_rewards: Sequence[float], rejected_rewards: Sequence[floa
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """model.eval() and no autograd inside; the caller's train/eval flag is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield model
-    finally:
-        model.train(was_training)
+    with models.evaluating(model), torch.inference_mode():
+        yield model
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from .collate import collate_pairs, collate_sequences, unshare_pairs
 from .loading import (
                       ModelLoadError,
                       ReferenceModel,
+                      evaluating,
                       is_peft_model,
                       load_policy,
                       load_reward_model,
@@ -29,7 +30,8 @@ from .scoring import reward_scores, score_sequences
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
-    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "is_peft_model",
+    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "evaluating",
+    "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model",
     "merged_state_dict", "pair_logps",
     "reference_context", "reward_scores", "save_model", "score_sequences", "sequence_logps", "shared_prompt_attention", "shared_prompt_mask",

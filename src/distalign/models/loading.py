@@ -181,15 +181,21 @@ def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     with torch.no_grad():
         if is_peft_model(model):
             peft_model = unwrap_model(model)
-            was_training = peft_model.training
-            peft_model.eval()
-            try:
-                with peft_model.disable_adapter():
-                    yield model
-            finally:
-                peft_model.train(was_training)
+            with evaluating(peft_model), peft_model.disable_adapter():
+                yield model
         else:
             yield model
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode inside (no dropout); the caller's train/eval flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class ReferenceModel:

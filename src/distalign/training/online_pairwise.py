@@ -65,6 +65,7 @@ class PolicySession:
         self.cfg, self.log = cfg, log
         self.acc = make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
         self.device = self.acc.device
+        self.sum_processes = process_sum(self.acc)  # means over pairs span all processes
         set_seed(cfg.train.seed)
         m = cfg.model
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
@@ -207,8 +208,8 @@ class OnlinePairwiseTrainer(PolicySession):
             losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, hp.beta)
             # The mean over every process's labelled pairs: gradients are averaged over processes next.
             kept, scale = keep.sum(), 1.0
-            if (sum_processes := process_sum(self.acc)) is not None:
-                kept, scale = sum_processes(kept), float(self.acc.num_processes)
+            if self.sum_processes is not None:
+                kept, scale = self.sum_processes(kept), float(self.acc.num_processes)
             loss = scale * (losses * keep).sum() / kept.clamp(min=1)
             return loss, {"labelled_fraction": keep.float().mean(), "preference_loss": loss.detach()}
         if self.method == "rebel":
