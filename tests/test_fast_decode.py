@@ -48,23 +48,25 @@ def models_under_test(paths):
         num_attention_heads=4, num_key_value_heads=2, sliding_window=None)).eval()
 
 
-def prefill(model, prompts, extra):
-    """Left-padded prompts prefilled once each; every prompt is decoded as 2 rows (a group)."""
+def prefill(model, prompts, extra, rows=None):
+    """Left-padded prompts prefilled once each; by default every prompt is decoded as 2 rows (a group)."""
     ids, mask = left_pad(prompts, 0)
-    rows = torch.arange(len(prompts)).repeat_interleave(2)
+    rows = torch.arange(len(prompts)).repeat_interleave(2) if rows is None else rows
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     return out.past_key_values, rows, mask
 
 
 @torch.no_grad()
-def test_decoder_logits_equal_the_models_forward_at_every_step(paths):
+@pytest.mark.parametrize("rows", [None, [2, 0, 1, 0, 2, 2]], ids=["groups share their prompt", "rows in any order"])
+def test_decoder_logits_equal_the_models_forward_at_every_step(paths, rows):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding
+    rows = torch.arange(3).repeat_interleave(2) if rows is None else torch.tensor(rows)
+    positions = torch.tensor([7, 2, 4]).index_select(0, rows)
     for name, model in models_under_test(paths):
-        fast = LlamaDecoder.build(model, *prefill(model, prompts, 6), extra=6)
+        fast = LlamaDecoder.build(model, *prefill(model, prompts, 6, rows), extra=6)
         assert fast is not None, name
-        slow = _ModelStep(model, *prefill(model, prompts, 6), extra=6)
-        positions = torch.tensor([7, 7, 2, 2, 4, 4])
+        slow = _ModelStep(model, *prefill(model, prompts, 6, rows), extra=6)
         gen = torch.Generator().manual_seed(1)
         for step in range(6):
             tokens = torch.randint(3, 500, (6,), generator=gen)

@@ -10,10 +10,13 @@ This does the same arithmetic with fewer ops:
 - one matmul for q|k|v and one for gate|up per layer, every matmul on oneDNN for fp32 CPU inputs
   (`onednn.linear`: the shapes repeat at every step, so its compiled kernels are reused);
 - RoPE on q and k together;
-- the cache in two buffers per layer, reserved for the whole completion and written in place;
-- one query's attention as two batched matmuls over grouped KV heads (no `repeat_kv` copy);
+- the new tokens' keys and values in buffers reserved for the whole completion, written in place;
+- a prompt's keys and values kept once for the k rows that sample from it (GRPO's group), read by
+  all k rows' queries in one matmul: decode attention is memory-bound, and the prompt is most of it;
+- one query's attention as batched matmuls over grouped KV heads (no `repeat_kv` copy);
 - the padding mask built once.
-Measured on the tiny benchmark model (32 rows): 11.8 -> 8.8 ms per decode step.
+Measured on the tiny benchmark model (32 rows): 11.8 -> 8.8 ms per decode step; sharing the prompt,
+11.7 -> 9.3 ms with 180-token prompts (same with 30-token ones).
 
 It reads the live weights at `build` (the fused q|k|v and gate|up copies are taken then, once per
 rollout, so an optimizer step between rollouts is always seen). `build` returns None for anything it
@@ -90,9 +93,11 @@ class _Concatenated:
 
 
 class _Layer:
-    """One decoder layer's weights in decode form, and its reserved keys / values (B, KVH, P + extra, D)."""
+    """One decoder layer's weights in decode form, the prompts' keys / values (U, KVH, P, D), read in
+    place, one per group of k rows that share a prompt, and the rows' own reserved keys / values
+    (U, KVH, k, extra, D), written one column per step."""
 
-    def __init__(self, layer, keys: Tensor, values: Tensor, extra: int, fuse: bool):
+    def __init__(self, layer, prompt_keys: Tensor, prompt_values: Tensor, group_size: int, extra: int, fuse: bool):
         attn, mlp = layer.self_attn, layer.mlp
         self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.o_proj, self.down_proj, self.act = attn.o_proj, mlp.down_proj, mlp.act_fn
@@ -100,27 +105,34 @@ class _Layer:
         qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.split = [p.out_features for p in qkv]
         self.qkv, self.gate_up = _Concatenated(qkv, fuse), _Concatenated((mlp.gate_proj, mlp.up_proj), fuse)
-        B, KVH, P, D = keys.shape
-        self.keys = keys.new_empty((B, KVH, P + extra, D))
-        self.values = values.new_empty((B, KVH, P + extra, D))
-        self.keys[:, :, :P], self.values[:, :, :P] = keys, values
+        self.prompt_keys, self.prompt_values = prompt_keys.contiguous(), prompt_values.contiguous()
+        U, KVH, _, D = prompt_keys.shape
+        self.keys = prompt_keys.new_empty((U, KVH, group_size, extra, D))
+        self.values = prompt_values.new_empty((U, KVH, group_size, extra, D))
 
-    def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, column: int) -> Tensor:
-        B, KVH, _, D = self.keys.shape
+    def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, prompt_mask: Tensor, step: int) -> Tensor:
+        U, KVH, k, _, D = self.keys.shape
+        B, P, H = h.shape[0], self.prompt_keys.shape[2], self.split[0] // D
+        n = H // KVH  # query heads per KV head; query head h reads KV head h // n, as transformers' repeat_kv
         qkv = self.qkv(_rms_norm(h, self.attn_norm))                        # (B, (H + 2 KVH) D)
         q_and_k = qkv[:, :self.split[0] + self.split[1]].view(B, -1, D)    # RoPE on q and k at once
         half = D // 2
         rotated = torch.cat([-q_and_k[..., half:], q_and_k[..., :half]], dim=-1)
         q_and_k = q_and_k * cos + rotated * sin
-        H = self.split[0] // D
-        self.keys[:, :, column] = q_and_k[:, H:]
-        self.values[:, :, column] = qkv[:, self.split[0] + self.split[1]:].view(B, KVH, D)
-        keys, values = self.keys[:, :, :column + 1], self.values[:, :, :column + 1]
-        # Query head h reads KV head h // (H / KVH), as transformers' repeat_kv orders them.
-        query = q_and_k[:, :H].reshape(B, KVH, H // KVH, D) * self.scaling
-        scores = torch.matmul(query, keys.transpose(-1, -2)) + mask[:, :, :, :column + 1]
-        probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
-        h = h + _apply(self.o_proj, torch.matmul(probs, values).reshape(B, H * D))
+        self.keys[:, :, :, step] = q_and_k[:, H:].view(U, k, KVH, D).transpose(1, 2)
+        self.values[:, :, :, step] = qkv[:, self.split[0] + self.split[1]:].view(U, k, KVH, D).transpose(1, 2)
+        # A group's k rows query its prompt together: one (k n, D) x (D, P) matmul per KV head, and the
+        # prompt's keys are read once per group instead of once per row (decode attention is memory-bound).
+        query = q_and_k[:, :H].reshape(U, k, KVH, n, D).transpose(1, 2).reshape(U, KVH, k * n, D) * self.scaling
+        prompt_scores = torch.matmul(query, self.prompt_keys.transpose(-1, -2)) + prompt_mask
+        own_scores = torch.matmul(query.view(U, KVH, k, n, D), self.keys[:, :, :, :step + 1].transpose(-1, -2))
+        probs = torch.cat([prompt_scores.view(U, KVH, k, n, P), own_scores], dim=-1)
+        probs = probs.softmax(-1, dtype=torch.float32).to(self.values.dtype)          # (U, KVH, k, n, P + step + 1)
+        from_prompt = torch.matmul(probs[..., :P].view(U, KVH, k * n, P), self.prompt_values)
+        attended = h.new_empty((U, k, KVH, n, D))
+        torch.add(from_prompt.view(U, KVH, k, n, D), torch.matmul(probs[..., P:], self.values[:, :, :, :step + 1]),
+                  out=attended.transpose(1, 2))
+        h = h + _apply(self.o_proj, attended.view(B, H * D))
         gate, up = self.gate_up(_rms_norm(h, self.mlp_norm)).chunk(2, dim=-1)
         return h + _apply(self.down_proj, self.act(gate) * up)
 
@@ -128,14 +140,16 @@ class _Layer:
 class LlamaDecoder:
     """Next-token logits of one new token per row, from a prefilled cache; see the module docstring."""
 
-    def __init__(self, model, layers: list[_Layer], mask: Tensor, prompt_length: int):
+    def __init__(self, model, layers: list[_Layer], prompt_mask: Tensor):
         self.embed, self.rotary = model.model.embed_tokens, model.model.rotary_emb
         self.norm, self.lm_head = model.model.norm, model.lm_head
-        self.layers, self.mask, self.column = layers, mask, prompt_length
+        self.layers, self.prompt_mask, self.step = layers, prompt_mask, 0
 
     @classmethod
     def build(cls, model, cache, rows: Tensor, prompt_mask: Tensor, extra: int) -> LlamaDecoder | None:
-        """From the prefill's cache (one entry per distinct prompt), copied to `rows`; None when unsupported.
+        """From the prefill's cache (one entry per distinct prompt) for rows of those prompts; None when
+        unsupported. Rows in equal runs per prompt, in order (`rows` = 0,0,..,1,1,..), read each prompt's
+        keys and values in place; any other `rows` get a copy per row.
 
         prompt_mask: (U, P) 1 for real prompt tokens, 0 for left padding, one row per distinct prompt.
         """
@@ -157,23 +171,28 @@ class LlamaDecoder:
         if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
             return None  # hooks (logit edits, probes) only run inside the model's own forward
         fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMETERS
-        layers = [_Layer(layer, c.keys.index_select(0, rows), c.values.index_select(0, rows), extra, fuse)
-                  for layer, c in zip(core.layers, cache_layers)]
+        U, B = prompt_mask.shape[0], len(rows)
+        group_size = B // U
+        prompts = [(c.keys, c.values) for c in cache_layers]
+        if B % U or not torch.equal(rows, torch.arange(U, device=rows.device).repeat_interleave(group_size)):
+            # Rows that are not equal runs of each prompt in order: one prompt copy per row.
+            group_size, prompt_mask = 1, prompt_mask.index_select(0, rows)
+            prompts = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in prompts]
+        layers = [_Layer(layer, keys, values, group_size, extra, fuse)
+                  for layer, (keys, values) in zip(core.layers, prompts)]
         dtype = layers[0].keys.dtype
-        allowed = torch.cat([prompt_mask.index_select(0, rows).bool(),
-                             prompt_mask.new_ones((len(rows), extra), dtype=torch.bool)], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None, :]   # (B, 1, 1, P + extra)
-        return cls(model, layers, mask, P)
+        additive = torch.zeros(prompt_mask.shape, dtype=dtype, device=prompt_mask.device)
+        additive = additive.masked_fill_(prompt_mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (U, 1, 1, P)
+        return cls(model, layers, additive)
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Logits (B, V) after feeding `tokens` (B,) at `positions` (B,); writes the next cache column."""
-        if self.column >= self.layers[0].keys.shape[2]:
+        if self.step >= self.layers[0].keys.shape[3]:
             raise RuntimeError("LlamaDecoder: the reserved cache is full")
         h = self.embed(tokens)                                               # (B, hidden)
         cos, sin = self.rotary(h[:, None], positions[:, None])              # (B, 1, D): rope scaling included
         for layer in self.layers:
-            h = layer(h, cos, sin, self.mask, self.column)
-        self.column += 1
+            h = layer(h, cos, sin, self.prompt_mask, self.step)
+        self.step += 1
         return _apply(self.lm_head, _rms_norm(h, self.norm))
