@@ -146,7 +146,7 @@ class CachedSampler:
             scaled[:, self.eos] = float("-inf")
         # One uniform per row (torch.multinomial draws one exponential per vocabulary entry); the cumulative
         # sum in float64 so that tokens far below 1e-7 keep their probability in large vocabularies.
-        cdf = filter_logits(scaled.double(), self.top_k, self.top_p).softmax(-1).cumsum(-1)
+        cdf = filter_logits(scaled, self.top_k, self.top_p).softmax(-1).cumsum(-1, dtype=torch.float64)
         if uniform is None:
             uniform = torch.rand(cdf.shape[0], device=cdf.device)
         target = uniform.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
