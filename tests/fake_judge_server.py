@@ -83,6 +83,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes, reason: str | None = None, headers: dict | None = None):
+        # No longer in flight once the answer goes out: the client may send its next request the moment
+        # it has read this one, before this thread would get back to a `finally`.
+        self._leave()
         self.send_response(status, reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -101,11 +104,17 @@ class _Handler(BaseHTTPRequestHandler):
             judge.authorizations.append(self.headers.get("Authorization"))
             judge.bodies.append(json.loads(raw))
             status = judge.fail_statuses.pop(0) if judge.fail_statuses else None
+        self._in_flight = True
         try:
             self._answer(judge, json.loads(raw), status)
         finally:
-            with judge.lock:
-                judge.in_flight -= 1
+            self._leave()
+
+    def _leave(self) -> None:
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            with self.judge.lock:
+                self.judge.in_flight -= 1
 
     def _answer(self, judge: FakeJudge, body: dict, status: int | None) -> None:
         if _take(judge, "slow_requests"):
