@@ -121,8 +121,7 @@ class _Layer:
         q_and_k = q_and_k * cos + rotated * sin
         self.keys[:, :, :, step] = q_and_k[:, H:].view(U, k, KVH, D).transpose(1, 2)
         self.values[:, :, :, step] = qkv[:, self.split[0] + self.split[1]:].view(U, k, KVH, D).transpose(1, 2)
-        # A group's k rows query its prompt together: one (k n, D) x (D, P) matmul per KV head, and the
-        # prompt's keys are read once per group instead of once per row (decode attention is memory-bound).
+        # A group's k rows query its prompt together: one (k n, D) x (D, P) matmul per KV head.
         query = q_and_k[:, :H].reshape(U, k, KVH, n, D).transpose(1, 2).reshape(U, KVH, k * n, D) * self.scaling
         prompt_scores = torch.matmul(query, self.prompt_keys.transpose(-1, -2)) + prompt_mask
         own_scores = torch.matmul(query.view(U, KVH, k, n, D), self.keys[:, :, :, :step + 1].transpose(-1, -2))
