@@ -14,6 +14,7 @@ from torch import Tensor
 from distalign.data import tokenize_prompts, tokenize_responses
 
 from .collate import collate_sequences
+from .loading import evaluating
 
 
 def score_sequences(model, batch: dict) -> Tensor:
@@ -37,15 +38,11 @@ def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str],
     device = next(model.parameters()).device
     prompt_ids = tokenize_prompts(list(prompts), tokenizer)
     response_ids = tokenize_responses(list(responses), tokenizer)
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
+    with evaluating(model):
         for start in range(0, len(prompt_ids), batch_size):
             batch = collate_sequences(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size],
                                       tokenizer.pad_token_id)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             scores.append(score_sequences(model, batch).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)

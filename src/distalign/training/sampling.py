@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from distalign.models import merged_state_dict, unwrap_model
+from distalign.models import evaluating, merged_state_dict, unwrap_model
 from distalign.models.fast_decode import LlamaDecoder
 from distalign.objectives import geometric_mixture
 
@@ -170,12 +170,8 @@ class CachedSampler:
         unique, row_group = _groups(prompt_ids)
         ids, mask = (t.to(device) for t in left_pad(unique, self.pad))
         rows = torch.tensor(row_group, device=device)
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             tokens, logps, entropies = self._decode(forwards, ids, mask, rows, uniforms)
-        finally:
-            model.train(was_training)
         batch = assemble_batch(ids.index_select(0, rows), mask.index_select(0, rows), tokens, self.eos)
         batch.token_logps = logps * batch.response_mask
         batch.entropy = entropies * batch.response_mask
@@ -289,13 +285,8 @@ class GenerateSampler:
         values (so a trainer's per-step, per-process draws still decide the sample, though not token by token)."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad))
-        was_training = model.training
-        model.eval()
-        try:
-            with _rng_seeded_by(uniforms, device):
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
-        finally:
-            model.train(was_training)
+        with evaluating(model), _rng_seeded_by(uniforms, device):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
         return assemble_batch(ids, mask, out[:, ids.shape[1]:], self.eos)
 
     def sync_weights(self, model) -> None:
