@@ -94,10 +94,10 @@ def average_gradients(model: torch.nn.Module, accelerator) -> None:
 
 
 def process_sum(accelerator):
-    """A function summing a tensor over the run's processes (for statistics of the global batch), or
-    None in a one-process run, where every batch statistic is already global."""
+    """A function summing a tensor over the run's processes (for statistics of the global batch); the
+    identity in a one-process run, where every batch statistic is already global."""
     if accelerator.num_processes == 1:
-        return None
+        return lambda tensor: tensor
     return lambda tensor: accelerator.reduce(tensor, reduction="sum")
 
 

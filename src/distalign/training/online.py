@@ -219,8 +219,7 @@ class OnlineTrainer:
         accumulation = self.cfg.train.gradient_accumulation_steps
         micro_batches = [m.flatten() for m in rows.view(-1, self.group_size).chunk(accumulation)]
         if self.length_norm == "token":  # one token mean over the optimizer step's rows of every process
-            totals = torch.stack([rollout.mask[rows].sum(), rollout.mask.new_tensor(float(len(rows)))])
-            totals = totals if self.sum_processes is None else self.sum_processes(totals)
+            totals = self.sum_processes(torch.stack([rollout.mask[rows].sum(), rollout.mask.new_tensor(float(len(rows)))]))
             loss_kwargs = {**loss_kwargs, "mean_length": totals[0] / totals[1]}
         total, sums = torch.zeros((), device=self.device), {}
         for i, micro in enumerate(micro_batches):

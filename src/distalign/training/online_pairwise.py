@@ -207,10 +207,8 @@ class OnlinePairwiseTrainer(PolicySession):
             ref_chosen, ref_rejected = orient_pairs(ref[0::2], ref[1::2], a_wins)
             losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, hp.beta)
             # The mean over every process's labelled pairs: gradients are averaged over processes next.
-            kept, scale = keep.sum(), 1.0
-            if self.sum_processes is not None:
-                kept, scale = self.sum_processes(kept), float(self.acc.num_processes)
-            loss = scale * (losses * keep).sum() / kept.clamp(min=1)
+            kept = self.sum_processes(keep.sum())
+            loss = float(self.acc.num_processes) * (losses * keep).sum() / kept.clamp(min=1)
             return loss, {"labelled_fraction": keep.float().mean(), "preference_loss": loss.detach()}
         if self.method == "rebel":
             loss = rebel_loss(a, b, old[0::2], old[1::2], scores[0::2], scores[1::2], hp.eta).mean()
