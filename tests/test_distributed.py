@@ -39,6 +39,8 @@ def test_two_processes_match_one(world_dir, tmp_path):
                                  world_dir, "dpo", tmp_path / "two", "train.batch_size=4", *common)[1:]],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert double.returncode == 0, double.stderr[-3000:]
+    # only the main process prints its lines and "done:"
+    assert double.stdout.count("done:") == 1 and double.stdout.count("read 96 rows") == 1, double.stdout
     a = load_file(str(tmp_path / "one" / "checkpoint-3" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoint-3" / "model.safetensors"))
     for k in a:
@@ -88,3 +90,27 @@ def test_online_two_processes_match_one(world_dir, tmp_path, method, logged, ext
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_accelerate_launch_that_starts_one_process_is_refused(world_dir, tmp_path):
+    """`accelerate launch --num_processes 2` without --multi_gpu runs one process on CPU: refused with
+    how to get two, before anything is trained or written."""
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                          "-m", "distalign", "train", "dpo",
+                          *offline_overrides(world_dir, "dpo", tmp_path / "run", "train.max_steps=1")[1:]],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("distalign: error:")]
+    assert len(errors) == 1 and "--multi_gpu" in errors[0] and "torchrun --nproc_per_node 2" in errors[0], out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_launch_reads_the_launcher_command_line(monkeypatch):
+    from distalign.training.common import LaunchError, check_launch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    with pytest.raises(LaunchError, match="--num_processes 3 started a single process"):
+        check_launch(["accelerate", "launch", "--num-processes=3", "-m", "distalign"])
+    check_launch(["accelerate", "launch", "--num_processes", "1", "-m", "distalign"])
+    monkeypatch.setenv("WORLD_SIZE", "2")   # a real multi-process launch
+    check_launch(["accelerate", "launch", "--num_processes", "2", "--multi_gpu"])

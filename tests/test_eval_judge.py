@@ -74,8 +74,20 @@ def test_config_errors_name_the_key():
         JudgeConfig.from_dict({"model": "m"})
     with pytest.raises(ValueError, match=r"judge\.max_concurrency"):
         JudgeConfig.from_dict({"base_url": "http://x", "model": "m", "max_concurrency": 0})
-    with pytest.raises(ValueError, match=r"judge\.temprature: unknown key"):
+    with pytest.raises(ValueError, match=r"unknown key 'judge\.temprature'"):
         JudgeConfig.from_dict({"base_url": "http://x", "model": "m", "temprature": 0.0})
+
+
+@pytest.mark.parametrize("value", ["sk-proj-AbC123xyz987", "hf_abcdefGHIJ1234567890klmn", "my key"])
+def test_a_key_pasted_into_api_key_env_is_refused_and_not_echoed(value):
+    with pytest.raises(ValueError, match="field 'judge.api_key_env': expected the NAME") as caught:
+        JudgeConfig.from_dict({"base_url": "http://x", "model": "m", "api_key_env": value})
+    assert value not in str(caught.value)
+
+
+def test_env_var_names_are_accepted():
+    for name in ("OPENAI_API_KEY", "MY_JUDGE_KEY_2", "together_api_key"):
+        assert JudgeConfig.from_dict({"base_url": "http://x", "model": "m", "api_key_env": name}).api_key_env == name
 
 
 # ---- against the server -----------------------------------------------------------------------------

@@ -250,12 +250,14 @@ def test_evaluate_config_and_data_errors(saved_world, tmp_path):
 
     base = {"policies": [str(saved_world / "policy")], "prompts": str(saved_world / "prompts.jsonl"),
             "output_dir": str(tmp_path)}
-    with pytest.raises(ValueError, match=r"eval\.judg: unknown key"):
+    with pytest.raises(ValueError, match=r"eval config: unknown key 'judg'"):
         evaluate({**base, "judg": {}})
-    with pytest.raises(ValueError, match=r"eval\.generation\.max_tokens: unknown key"):
+    with pytest.raises(ValueError, match=r"unknown key 'generation\.max_tokens'"):
         evaluate({**base, "generation": {"max_tokens": 3}})
-    with pytest.raises(ValueError, match=r"eval\.mtbench: needs eval\.judge"):
+    with pytest.raises(ValueError, match=r"field 'mtbench': needs a judge"):
         evaluate({**base, "mtbench": True})
+    with pytest.raises(ValueError, match=r"field 'generation\.temperature': must be > 0"):
+        evaluate({**base, "generation": {"temperature": 0}})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl: row 2: field 'prompt': expected a non-empty string"):

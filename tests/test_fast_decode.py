@@ -11,7 +11,7 @@ from distalign.models import ReferenceModel, load_policy, load_tokenizer, make_t
 from distalign.models.fast_decode import LlamaDecoder
 from distalign.models.onednn import linear, onednn_available
 from distalign.training.rollout import left_pad, response_forward
-from distalign.training.sampling import CachedSampler, MixtureSampler, _ModelStep
+from distalign.training.sampling import CACHE, CachedSampler, MixtureSampler, _ModelStep
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
@@ -54,7 +54,7 @@ def prefill(model, prompts, extra, rows=None):
     rows = torch.arange(len(prompts)).repeat_interleave(2) if rows is None else rows
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    return out.past_key_values, rows, mask
+    return getattr(out, CACHE), rows, mask
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Online pairwise and iterative methods on the synthetic-language testbed: a tiny Llama, warm-started on
 pi0 samples, trained with the library's loops; oracle reward, win-rate or exact KL(pi*||pi) must improve."""
 import json
+import sys
 
 import pytest
 import torch
@@ -66,7 +67,9 @@ def lm(tmp_path_factory):
     write_jsonl(root / "prompts.jsonl", prompt_rows(world, 64, seed=1))
     write_jsonl(root / "pairs.jsonl", preference_pairs(world, 4000, seed=2))
     write_jsonl(root / "demos.jsonl", demonstrations(world, 512, seed=3))
+    sys.path.insert(0, str(root))  # the reward plugin is imported when a config naming it loads
     yield root, world, tokenizer, model_dir
+    sys.path.remove(str(root))
     torch.set_num_threads(threads)
 
 

@@ -1,5 +1,6 @@
 """Online loop on a tiny Llama: rollouts score what the sampler sampled, methods learn, resume is exact."""
 import json
+import sys
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ def world(tmp_path_factory):
     arithmetic = root / "arith.jsonl"
     arithmetic.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": a + b}) + "\n"
                                   for a in range(3) for b in range(3)))
-    return root, model, prompts, arithmetic
+    sys.path.insert(0, str(root))  # the reward plugin is imported when a config naming it loads
+    yield root, model, prompts, arithmetic
+    sys.path.remove(str(root))
 
 
 def config(world, method, out, *overrides, reward="rewards=[{kind: callable, path: 'online_rewards:vowel_fraction'}]"):

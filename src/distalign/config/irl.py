@@ -14,47 +14,44 @@ from dataclasses import dataclass
 
 from .online import ONLINE_METHODS, GenerationConfig, OnlineLossConfig
 from .online_pairwise import PromptDataConfig
-from .schema import ModelConfig, OptimConfig, _f
+from .schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelConfig, OptimConfig, _f
 
 IRL_METHODS = ("irl", "aihf")
 
 
 @dataclass
 class RewardStepConfig:
-    steps: int = _f(50, "reward-model optimizer steps per iteration (Eq. 21a / 24a)")
-    batch_size: int = _f(16, "demonstrations (each with one fresh policy sample) and pairs per step")
-    learning_rate: float = _f(1e-4, "AdamW learning rate of the reward model (constant)")
-    weight_decay: float = _f(0.0, "AdamW weight decay of the reward model")
-    max_grad_norm: float = _f(1.0, "clip the reward model's gradient norm; 0 disables clipping")
-    demo_weight: float = _f(1.0, "gamma of Eq. 24a: weight of the demonstration > policy-sample term")
-    alpha: float = _f(1.0, "aihf: weight of the Bradley-Terry term on the preference pairs (irl ignores it)")
+    steps: int = _f(50, "reward-model optimizer steps per iteration (Eq. 21a / 24a)", range=AT_LEAST_ONE)
+    batch_size: int = _f(16, "demonstrations (each with one fresh policy sample) and pairs per step",
+                        range=AT_LEAST_ONE)
+    learning_rate: float = _f(1e-4, "AdamW learning rate of the reward model (constant)", range=POSITIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay of the reward model", range=NON_NEGATIVE)
+    max_grad_norm: float = _f(1.0, "clip the reward model's gradient norm; 0 disables clipping",
+                              range=NON_NEGATIVE)
+    demo_weight: float = _f(1.0, "gamma of Eq. 24a: weight of the demonstration > policy-sample term",
+                              range=NON_NEGATIVE)
+    alpha: float = _f(1.0, "aihf: weight of the Bradley-Terry term on the preference pairs (irl ignores it)",
+                       range=NON_NEGATIVE)
     reinit: bool = _f(False, "start each iteration's reward model afresh from the current policy; false keeps "
                              "the reward model (and its optimizer) across iterations")
     init: str | None = _f(None, "folder / Hub id to initialise the reward model from; default: the policy")
 
     def validate(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps", "steps and batch_size must be >= 1")
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate", "must be > 0")
-        if self.demo_weight < 0 or self.alpha < 0 or self.demo_weight + self.alpha == 0:
-            raise ValueError("demo_weight", "demo_weight and alpha must be >= 0 and not both 0")
+        if self.demo_weight + self.alpha == 0:
+            raise ValueError("demo_weight", "demo_weight and alpha must not both be 0")
 
 
 @dataclass
 class RLStepConfig:
     method: str = _f("rloo", "Online engine I method of the policy step (Eq. 21b)", choices=ONLINE_METHODS)
-    steps: int = _f(20, "rollouts (optimizer steps x update_epochs x num_minibatches) per iteration")
-    batch_size: int = _f(8, "prompts per rollout")
+    steps: int = _f(20, "rollouts (optimizer steps x update_epochs x num_minibatches) per iteration",
+                    range=AT_LEAST_ONE)
+    batch_size: int = _f(8, "prompts per rollout", range=AT_LEAST_ONE)
     optim: OptimConfig = _f(help="policy optimiser; a fresh one each iteration", factory=OptimConfig)
     loss: OnlineLossConfig = _f(help="RL objective hyperparameters; loss.kl_coef is beta of Eq. 21b",
                                 factory=OnlineLossConfig)
-    update_epochs: int = _f(1, "passes over each rollout (PPO epochs)")
-    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout")
-
-    def validate(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps", "steps and batch_size must be >= 1")
+    update_epochs: int = _f(1, "passes over each rollout (PPO epochs)", range=AT_LEAST_ONE)
+    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout", range=AT_LEAST_ONE)
 
 
 @dataclass
@@ -68,8 +65,8 @@ class IRLConfig:
     demonstrations: str = _f("", "demonstrations file {prompt, completion}: the expert side of Eq. 21a")
     pairs: str | None = _f(None, "preference pairs file {prompt, chosen, rejected} (aihf)")
     output_dir: str = _f("runs/irl", "iter-{t}/reward, iter-{t}/rl/final and final/ (the last policy) go here")
-    seed: int = _f(0, "seed of data order, sampling and the reward head initialisation")
-    iterations: int = _f(2, "outer iterations t = 1..K of reward step then RL step")
+    seed: int = _f(0, "seed of data order, sampling and the reward head initialisation", range=SEED)
+    iterations: int = _f(2, "outer iterations t = 1..K of reward step then RL step", range=AT_LEAST_ONE)
     progress_bar: bool = _f(False, "tqdm bars inside the RL steps")
     generation: GenerationConfig = _f(help="sampling of the reward step's policy samples and of the RL rollouts",
                                       factory=lambda: GenerationConfig(num_samples=4, temperature=1.0))
@@ -85,5 +82,3 @@ class IRLConfig:
             raise ValueError("pairs", "method aihf needs a preference pairs file")
         if self.model.lora is not None:
             raise ValueError("model", "lora: not supported by irl / aihf (each iteration reloads full weights)")
-        if self.iterations < 1:
-            raise ValueError("iterations", "must be >= 1")

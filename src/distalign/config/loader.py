@@ -1,33 +1,102 @@
 """Typed configs from YAML files plus `key=value` overrides, validated against dataclass schemas.
 
-Every error is one line naming the file and the dotted field, e.g.
-`configs/dpo.yaml: field 'optim.learning_rate': expected float, got str 'fast'` or
+Every error is one line naming where the value came from (the YAML file, or "command line" for a
+`key=value` override) and the dotted field, e.g.
+`configs/dpo.yaml: field 'optim.learning_rate': expected float, got str 'fast'`,
+`command line: field 'train.max_steps': must be >= 0, got -5` or
 `configs/dpo.yaml: unknown key 'optim.lr'; valid keys: learning_rate, weight_decay, ...`.
+
+Schema metadata (`schema._f`): `help`, `choices`, `range` (interval notation, `config.ranges`) and
+`schema` (for a mapping field whose keys depend on its siblings, such as `loss` on `method`: a
+function of the parent's raw values giving the dataclass to check it against, or None).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from .ranges import Range
+
+COMMAND_LINE = "command line"
+
 
 class ConfigError(ValueError):
-    """A config problem; the message names the file and the field."""
+    """A config problem; the message names the file (or the command line) and the field."""
 
 
-def _origin(tp) -> Any:
-    return typing.get_origin(tp)
+def _parent(path: str) -> str:
+    """'a.b[2].c' -> 'a.b[2]' -> 'a.b' -> 'a' -> ''."""
+    return re.sub(r"(\.?[^.\[]+|\[\d+\])$", "", path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A value's dotted path in the config tree and where each value came from.
+
+    `origins` maps dotted keys set by overrides to COMMAND_LINE; a value inherits the origin of its
+    nearest ancestor key there, else it came from `source` (the YAML file).
+    """
+
+    source: str
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    def child(self, name: str | int) -> Location:
+        if isinstance(name, int):
+            return dataclasses.replace(self, path=f"{self.path}[{name}]")
+        return dataclasses.replace(self, path=f"{self.path}.{name}" if self.path else name)
+
+    @property
+    def origin(self) -> str:
+        key = self.path
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = _parent(key)
+        return self.source
+
+    def __str__(self) -> str:
+        return f"{self.origin}: field '{self.path}'" if self.path else self.origin
 
 
 def _is_optional(tp) -> bool:
-    return _origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
+_YAML_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
+
+
+def parse_float(text: str) -> float | None:
+    """A float from any spelling YAML users write (1e-5, 1E5, .5, +1.0, 1_000.0, .inf); None if not one.
+
+    YAML 1.1 reads some of them (`1e-5`: no dot) as strings, so schemas convert strings themselves.
+    """
+    cleaned = text.strip().lower()
+    cleaned = _YAML_SPECIAL_FLOATS.get(cleaned, cleaned)
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def _scalar(value: Any, tp: type, where: Location) -> Any:
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and parse_float(value) is not None:
+        return parse_float(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _convert(value: Any, tp: Any, where: Location) -> Any:
     """Check and coerce `value` to the annotated type `tp` (dataclass, Optional, list, dict, scalars)."""
     if tp is Any:
         return value
@@ -36,63 +105,73 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], where)
-    if _origin(tp) in (Union, types.UnionType):
+    if typing.get_origin(tp) in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
                 return _convert(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return build_dataclass(tp, value, where)
-    if _origin(tp) in (list, tuple):
+    if typing.get_origin(tp) in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         args = typing.get_args(tp)
         item = args[0] if args else Any
-        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if _origin(tp) is tuple else items
-    if _origin(tp) is dict or tp is dict:
+        items = [_convert(v, item, where.child(i)) for i, v in enumerate(value)]
+        return tuple(items) if typing.get_origin(tp) is tuple else items
+    if typing.get_origin(tp) is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-5` (no dot) as a string; accept any spelling Python reads as a float.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+    return _scalar(value, tp, where)
 
 
-def build_dataclass(cls: type, values: dict, where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping; unknown keys and missing required fields are errors.
+def _check_metadata(value: Any, f: dataclasses.Field, where: Location) -> None:
+    choices = f.metadata.get("choices")
+    if choices and value is not None and value not in choices:
+        raise ConfigError(f"{where}: must be one of {list(choices)}, got {value!r}")
+    valid = f.metadata.get("range")
+    problem = valid.problem(value) if valid is not None else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
 
-    A schema may define `validate()`; it raises ValueError(field, problem) for a field-level error.
+
+def _sub_schema(f: dataclasses.Field, values: Mapping) -> type | None:
+    """The dataclass a mapping field's `schema` hook picks from its siblings' raw values, or None."""
+    hook = f.metadata.get("schema")
+    return hook(values) if hook is not None else None
+
+
+def build_dataclass(cls: type, values: dict, where: str | Location) -> Any:
+    """Instantiate dataclass `cls` from a mapping; unknown keys and missing required fields are errors,
+    and every value is checked against its field's `choices` and `range`.
+
+    A schema may define `validate()` for checks across fields; it raises ValueError(field, problem)
+    so the message names the field (and where that field's value came from).
     """
+    where = where if isinstance(where, Location) else Location(where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    prefix = where.rsplit(": field ", 1)
-    base, path = (prefix[0], prefix[1].strip("'") + ".") if len(prefix) == 2 else (where, "")
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{base}: unknown key '{path}{unknown[0]}'; valid keys: {', '.join(fields)}")
+        key = where.child(unknown[0])
+        raise ConfigError(f"{key.origin}: unknown key '{key.path}'; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
-        field_where = f"{base}: field '{path}{name}'"
-        if name in values:
+        field_where = where.child(name)
+        sub_schema = _sub_schema(f, values)
+        if sub_schema is not None:  # kept as a plain mapping, with the sub-schema's defaults filled in
+            kwargs[name] = dataclasses.asdict(_convert(values.get(name, {}), sub_schema, field_where))
+        elif name in values:
             kwargs[name] = _convert(values[name], hints[name], field_where)
-            choices = f.metadata.get("choices")
-            if choices and kwargs[name] not in choices:
-                raise ConfigError(f"{field_where}: must be one of {list(choices)}, got {kwargs[name]!r}")
+            _check_metadata(kwargs[name], f, field_where)
         elif dataclasses.is_dataclass(hints[name]):
             kwargs[name] = build_dataclass(hints[name], {}, field_where)  # so its own checks run
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -103,29 +182,46 @@ def build_dataclass(cls: type, values: dict, where: str) -> Any:
         try:
             validate()
         except ValueError as err:
+            if isinstance(err, ConfigError):
+                raise
             # Schemas raise ValueError(field, problem) so the message can carry the full dotted path.
             if len(err.args) == 2:
-                raise ConfigError(f"{base}: field '{path}{err.args[0]}': {err.args[1]}") from None
-            raise ConfigError(f"{base}: {err}") from None
+                raise ConfigError(f"{where.child(err.args[0])}: {err.args[1]}") from None
+            raise ConfigError(f"{where}: {err}") from None
     return obj
 
 
-def apply_override(tree: dict, assignment: str) -> None:
-    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 1e-5, true, [1,2] work)."""
+def apply_override(tree: dict, assignment: str) -> str:
+    """Apply `a.b.c=value` to a nested dict and return the dotted key; the value is parsed as YAML
+    (so 1e-5, true, [1,2] work)."""
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected key=value")
+        raise ConfigError(f"{COMMAND_LINE}: override {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"{COMMAND_LINE}: override {assignment!r}: empty key part")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: '{part}' is not a mapping")
+            raise ConfigError(f"{COMMAND_LINE}: override {assignment!r}: '{part}' is not a mapping")
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {assignment!r}: value is not valid YAML ({err.__class__.__name__})") from None
+        raise ConfigError(f"{COMMAND_LINE}: override {assignment!r}: value is not valid YAML "
+                          f"({err.__class__.__name__})") from None
+    return key
+
+
+def apply_overrides(tree: dict, overrides, origins: dict) -> None:
+    """Apply each override and record its key (replacing what it covers) as coming from the command line."""
+    for assignment in overrides:
+        key = apply_override(tree, assignment)
+        for stale in [k for k in origins if k.startswith((key + ".", key + "["))]:
+            del origins[stale]
+        origins[key] = COMMAND_LINE
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -147,13 +243,13 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = (),
                 defaults: dict | None = None) -> Any:
-    """YAML file (optional) <- overrides, validated into dataclass `cls`."""
+    """YAML file (optional) <- overrides, validated into dataclass `cls`; errors name the origin."""
     tree = dict(defaults or {})
     if path is not None:
         tree.update(read_yaml(path))
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    return build_dataclass(cls, tree, str(path) if path is not None else "<overrides>")
+    origins: dict[str, str] = {}
+    apply_overrides(tree, overrides, origins)
+    return build_dataclass(cls, tree, Location(str(path) if path is not None else COMMAND_LINE, origins))
 
 
 def to_dict(config: Any) -> dict:
@@ -161,16 +257,42 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help text, default) for every field, recursing into nested dataclasses."""
+@dataclasses.dataclass(frozen=True)
+class FieldHelp:
+    """One row of `--list-fields`."""
+    name: str
+    help: str
+    default: Any
+    range: Range | None = None
+    choices: tuple | None = None
+    annotation: Any = None
+
+    @property
+    def numeric(self) -> bool:
+        """Whether the field holds an int or a float (bools aside), optional or not."""
+        members = typing.get_args(self.annotation) if _is_optional(self.annotation) else (self.annotation,)
+        return any(m in (int, float) for m in members)
+
+    def line(self) -> str:
+        extra = f" [range: {self.range}]" if self.range is not None else ""
+        extra += f" [choices: {', '.join(map(str, self.choices))}]" if self.choices else ""
+        return f"{self.name:38s} {self.help} [default: {self.default}]{extra}"
+
+
+def field_help(cls: type, prefix: str = "", values: Mapping | None = None) -> list[FieldHelp]:
+    """Every field with help, default, range and choices, recursing into nested dataclasses and into
+    the sub-schema a field's `schema` hook picks from `values` (e.g. {"method": "dpo"} for `loss.*`)."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(field_help(tp, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+        nested = _sub_schema(f, values or {}) or (inner[0] if dataclasses.is_dataclass(inner[0]) else None)
+        if nested is None or _is_optional(tp):  # an optional section also gets its own row (default None)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            rows.append(FieldHelp(prefix + f.name, f.metadata.get("help", ""), default,
+                                  f.metadata.get("range"), f.metadata.get("choices"), tp))
+        if nested is not None:
+            rows.extend(field_help(nested, f"{prefix}{f.name}."))
     return rows

@@ -8,33 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import DataConfig, ModelConfig, OptimConfig, RunConfig, _f
+from .plugins import import_callable
+from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REAL, UNIT, DataConfig, ModelConfig, OptimConfig,
+                     RunConfig, _f)
 
 ONLINE_METHODS = ("ppo", "reinforce", "rloo", "grpo", "reverse_kl")
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = _f(64, "stop after this many new tokens (the sample is then 'truncated')")
-    temperature: float = _f(0.7, "sampling temperature; log-probs are scored with the same logits / T")
-    top_k: int = _f(0, "top-k sampling; 0 disables (keep 0 so scored log-probs match the sampler)")
-    top_p: float = _f(1.0, "nucleus sampling; 1.0 disables (keep 1.0 so scored log-probs match the sampler)")
-    num_samples: int = _f(4, "completions per prompt (the group size of RLOO / GRPO / reverse KL baselines)")
-    min_new_tokens: int = _f(0, "EOS is not sampled before this many tokens (stored log-probs stay unrestricted)")
-    missing_eos_penalty: float | None = _f(None, "added to the reward of completions without EOS (e.g. -1)")
+    max_new_tokens: int = _f(64, "stop after this many new tokens (the sample is then 'truncated')",
+                             range=AT_LEAST_ONE)
+    temperature: float = _f(0.7, "sampling temperature; log-probs are scored with the same logits / T",
+                              range=POSITIVE)
+    top_k: int = _f(0, "top-k sampling; 0 disables (keep 0 so scored log-probs match the sampler)",
+                    range=NON_NEGATIVE)
+    top_p: float = _f(1.0, "nucleus sampling; 1.0 disables (keep 1.0 so scored log-probs match the sampler)",
+                        range="(0, 1]")
+    num_samples: int = _f(4, "completions per prompt (the group size of RLOO / GRPO / reverse KL baselines)",
+                          range=AT_LEAST_ONE)
+    min_new_tokens: int = _f(0, "EOS is not sampled before this many tokens (stored log-probs stay "
+                                 "unrestricted)", range=NON_NEGATIVE)
+    missing_eos_penalty: float | None = _f(None, "added to the reward of completions without EOS (e.g. -1)",
+                                         range=REAL)
     backend: str = _f("hf", "sampler: 'hf' (own KV-cache decode loop, one prefill per prompt), 'generate' "
                             "(model.generate) or 'vllm' (needs vllm installed)", choices=("hf", "generate", "vllm"))
     fast_decode: bool = _f(True, "backend hf: decode Llama / Mistral / Qwen2 through distalign's lean step (fused "
                                  "q|k|v and gate|up, in-place cache); false steps through the model's forward")
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens", "must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature", "must be > 0 (sampling is required for policy gradients)")
-        if self.num_samples < 1:
-            raise ValueError("num_samples", "must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens", "must be between 0 and max_new_tokens")
 
 
@@ -44,32 +47,41 @@ class RewardSpec:
                    choices=("model", "callable", "exact_answer", "regex"))
     path: str = _f("", "reward model folder / Hub id (kind=model) or 'module:function' (kind=callable)")
     pattern: str = _f("", "regular expression (kind=regex)")
-    weight: float = _f(1.0, "weight of this source in the summed reward")
+    weight: float = _f(1.0, "weight of this source in the summed reward (negative: a penalty)", range=REAL)
     name: str = _f("", "name under which this part is logged (default kind_index)")
     kwargs: dict = _f(help="extra keyword arguments for the function / reward model source", factory=dict)
+
+    def validate(self):
+        if self.kind in ("model", "callable") and not self.path:
+            raise ValueError("path", f"required for kind {self.kind!r} (" + (
+                "a reward model folder or Hub id)" if self.kind == "model" else "'module:function')"))
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("pattern", "required for kind 'regex'")
+        if self.kind == "callable":
+            try:
+                import_callable(self.path)   # so a bad plugin fails now, before any model loads
+            except ValueError as err:
+                raise ValueError("path", str(err)) from None
 
 
 @dataclass
 class OnlineLossConfig:
     kl_coef: float = _f(0.05, "beta: KL(pi||pi0) weight (reward shaping for ppo/reinforce/rloo/reverse_kl, "
-                              "k3 term in the loss for grpo); 0 skips the reference model")
-    entropy_coef: float = _f(0.0, "gamma of reverse KL (seed 001 Eq. 16): entropy bonus weight")
-    gamma: float = _f(1.0, "PPO discount")
-    lam: float = _f(0.95, "PPO GAE lambda")
+                              "k3 term in the loss for grpo); 0 skips the reference model",
+                        range=NON_NEGATIVE)
+    entropy_coef: float = _f(0.0, "gamma of reverse KL (seed 001 Eq. 16): entropy bonus weight",
+                             range=NON_NEGATIVE)
+    gamma: float = _f(1.0, "PPO discount", range=UNIT)
+    lam: float = _f(0.95, "PPO GAE lambda", range=UNIT)
     whiten_advantages: bool = _f(True, "PPO: whiten advantages over the rollout")
     scale_rewards: bool = _f(True, "GRPO: divide by the group std (false = Dr. GRPO)")
-    clip_eps: float = _f(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high")
-    clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default clip_eps")
-    vf_coef: float = _f(0.1, "PPO value-loss weight")
-    vf_clip: float = _f(0.2, "PPO value clipping range")
-    length_norm: str | None = _f(None, "per-token loss aggregation: sequence | token | constant "
-                                          "(default: the method's own)")
-
-    def validate(self):
-        if self.length_norm not in (None, "sequence", "token", "constant"):
-            raise ValueError("length_norm", f"must be sequence, token or constant, got {self.length_norm!r}")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("kl_coef", "kl_coef and entropy_coef must be >= 0")
+    clip_eps: float = _f(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high", range=POSITIVE)
+    clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default clip_eps",
+                                      range=POSITIVE)
+    vf_coef: float = _f(0.1, "PPO value-loss weight", range=NON_NEGATIVE)
+    vf_clip: float = _f(0.2, "PPO value clipping range", range=POSITIVE)
+    length_norm: str | None = _f(None, "per-token loss aggregation (default: the method's own)",
+                                 choices=("sequence", "token", "constant"))
 
 
 @dataclass
@@ -85,8 +97,8 @@ class OnlineConfig:
     generation: GenerationConfig = _f(help="sampling", factory=GenerationConfig)
     rewards: list[RewardSpec] = _f(help="reward sources, summed with their weights", factory=list)
     loss: OnlineLossConfig = _f(help="objective hyperparameters", factory=OnlineLossConfig)
-    update_epochs: int = _f(1, "passes over each rollout (PPO epochs)")
-    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout")
+    update_epochs: int = _f(1, "passes over each rollout (PPO epochs)", range=AT_LEAST_ONE)
+    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout", range=AT_LEAST_ONE)
     share_prompt: bool = _f(True, "score each prompt's samples in one row [prompt|c1..ck] with a 4D mask "
                                   "(fewer tokens; turn off when k x max_new_tokens dwarfs the prompt)")
     value_init: str = _f("policy", "PPO value head: zero-initialised on the policy, or copied from the "
@@ -98,7 +110,5 @@ class OnlineConfig:
             raise ValueError("method", "required but missing")
         if not self.rewards:
             raise ValueError("rewards", "at least one reward source is required")
-        if self.update_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("num_minibatches", "update_epochs and num_minibatches must be >= 1")
         if self.value_init == "reward_model" and not self.value_model:
             raise ValueError("value_model", "required when value_init is 'reward_model'")

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .online import GenerationConfig, RewardSpec
-from .schema import DataConfig, ModelConfig, OptimConfig, RunConfig, _f
+from .plugins import import_callable
+from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, UNIT, DataConfig, ModelConfig, OptimConfig,
+                     RunConfig, _f)
 
 ONLINE_PAIRWISE_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac", "nash_md",
                            "rpo_demos", "nash_md_pg")
@@ -39,35 +41,25 @@ class PromptDataConfig(DataConfig):
 
 @dataclass
 class PairwiseLossConfig:
-    beta: float = _f(0.1, "DPO / SPIN / SPAC / RPO inverse temperature on the log-ratio margin")
-    gamma: float = _f(1.0, "PMLE / distillation preference sharpness (seed 001 Eq. 3)")
-    eta: float = _f(1.0, "REBEL: regress the log-ratio gap onto eta * (R(a) - R(b)) (seed 001 Eq. 10)")
+    beta: float = _f(0.1, "DPO / SPIN / SPAC / RPO inverse temperature on the log-ratio margin",
+                      range=POSITIVE)
+    gamma: float = _f(1.0, "PMLE / distillation preference sharpness (seed 001 Eq. 3)", range=POSITIVE)
+    eta: float = _f(1.0, "REBEL: regress the log-ratio gap onto eta * (R(a) - R(b)) (seed 001 Eq. 10)",
+                     range=POSITIVE)
     kl_coef: float = _f(0.05, "beta of KL(pi||pi0) (Nash-MD's tau): score-function term (online_distill, "
                               "pmle_online, nash_md_pg), folded into the reward (rebel); 0 skips "
-                              "it (and the reference unless the mixture uses it)")
+                              "it (and the reference unless the mixture uses it)", range=NON_NEGATIVE)
     mixture: float = _f(0.125, "nash_md_pg: beta of the opponent pi_mix ∝ pi^(1-beta) pi_ref^beta, in "
-                               "[0, 1]; 0 = self-play (Munos et al. 2024 Sec. 7: 0.125 did best)")
-    alpha: float = _f(1.0, "weight of the preference-pair term (spac, rpo_demos)")
-
-    def validate(self):
-        for name in ("beta", "gamma", "eta"):
-            if getattr(self, name) <= 0:
-                raise ValueError(name, "must be > 0")
-        for name in ("kl_coef", "alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(name, "must be >= 0")
-        if not 0.0 <= self.mixture <= 1.0:
-            raise ValueError("mixture", f"must be in [0, 1], got {self.mixture}")
+                               "[0, 1]; 0 = self-play (Munos et al. 2024 Sec. 7: 0.125 did best)", range=UNIT)
+    alpha: float = _f(1.0, "weight of the preference-pair term (spac, rpo_demos)", range=NON_NEGATIVE)
 
 
 @dataclass
 class IterationConfig:
-    iterations: int = _f(2, "outer iterations: sample from the current policy, build pairs, update")
-    steps_per_iteration: int = _f(20, "policy optimizer steps per iteration (spin, spac, rpo_demos)")
-
-    def validate(self):
-        if self.iterations < 1 or self.steps_per_iteration < 1:
-            raise ValueError("iterations", "iterations and steps_per_iteration must be >= 1")
+    iterations: int = _f(2, "outer iterations: sample from the current policy, build pairs, update",
+                         range=AT_LEAST_ONE)
+    steps_per_iteration: int = _f(20, "policy optimizer steps per iteration (spin, spac, rpo_demos)",
+                                  range=AT_LEAST_ONE)
 
 
 @dataclass
@@ -93,7 +85,7 @@ class OnlinePairwiseConfig:
     judge: str | None = _f(None, "online_dpo, nash_md_pg: 'module:function' fn(prompts, a, b) -> list of "
                                  "P(a > b) (may be non-transitive); used instead of the rewards")
     loss: PairwiseLossConfig = _f(help="objective hyperparameters", factory=PairwiseLossConfig)
-    update_epochs: int = _f(1, "passes over each rollout (REBEL's several epochs per batch)")
+    update_epochs: int = _f(1, "passes over each rollout (REBEL's several epochs per batch)", range=AT_LEAST_ONE)
     iteration: IterationConfig = _f(help="outer loop of the iterative methods", factory=IterationConfig)
 
     def validate(self):
@@ -103,6 +95,11 @@ class OnlinePairwiseConfig:
             raise ValueError("pairs", f"method {self.method} needs a preference pairs file")
         if self.method in NEEDS_DEMOS and not self.demonstrations:
             raise ValueError("demonstrations", f"method {self.method} needs a demonstrations file")
+        if self.judge:
+            try:
+                import_callable(self.judge)   # so a bad plugin fails now, before any model loads
+            except ValueError as err:
+                raise ValueError("judge", str(err)) from None
         if self.method in NEEDS_SCORES and not self.rewards and not (self.method in JUDGED and self.judge):
             raise ValueError("rewards", f"method {self.method} needs at least one reward source (or a judge)")
         if self.method in NEEDS_SCORES and not self.data.train:
@@ -112,28 +109,26 @@ class OnlinePairwiseConfig:
         if self.method in LOOP_METHODS and (k < 2 or (k % 2 and pairs_samples)):
             raise ValueError("generation", f"num_samples: {self.method} needs >= 2 samples per prompt (an "
                                            f"even number where consecutive samples form pairs), got {k}")
-        if self.update_epochs < 1 or (self.update_epochs > 1 and self.method == "nash_md_pg"):
-            raise ValueError("update_epochs", "must be >= 1 (exactly 1 for nash_md_pg, whose policy gradient "
-                                              "has no importance ratio for a second pass)")
+        if self.update_epochs > 1 and self.method == "nash_md_pg":
+            raise ValueError("update_epochs", "must be 1 for nash_md_pg, whose policy gradient has no "
+                                              "importance ratio for a second pass")
 
 
 @dataclass
 class NashConfig:
     """Nash mirror descent on the tabular testbed with non-transitive annotators."""
     method: str = _f("nash_md", "nash_md", choices=("nash_md",))
-    n_contexts: int = _f(2, "contexts of the tabular problem")
-    n_responses: int = _f(4, "responses per context (>= 3 for the Condorcet cycle)")
+    n_contexts: int = _f(2, "contexts of the tabular problem", range=AT_LEAST_ONE)
+    n_responses: int = _f(4, "responses per context (>= 3 for the Condorcet cycle)", range="[3, inf)")
     switch: str = _f("condorcet", "preference model of `distalign.testbed.misspecification`")
-    strength: float = _f(8.0, "switch strength (Condorcet score scale)")
-    eta: float = _f(0.5, "mirror-descent step size")
-    tau: float = _f(0.02, "KL regularisation toward the reference")
-    steps: int = _f(2000, "Nash-MD iterations")
-    bt_beta: float = _f(0.02, "KL coefficient of the Bradley-Terry + RLHF baseline")
-    seed: int = _f(0, "problem seed")
+    strength: float = _f(8.0, "switch strength (Condorcet score scale)", range=NON_NEGATIVE)
+    eta: float = _f(0.5, "mirror-descent step size", range=POSITIVE)
+    tau: float = _f(0.02, "KL regularisation toward the reference", range=NON_NEGATIVE)
+    steps: int = _f(2000, "Nash-MD iterations", range=AT_LEAST_ONE)
+    bt_beta: float = _f(0.02, "KL coefficient of the Bradley-Terry + RLHF baseline", range=POSITIVE)
+    seed: int = _f(0, "problem seed", range=SEED)
     output_dir: str = _f("runs/nash_md", "results.json and table.md go here")
 
     def validate(self):
-        if self.n_responses < 3:
-            raise ValueError("n_responses", "must be >= 3")
-        if self.eta <= 0 or self.tau < 0 or self.eta * self.tau > 1:
-            raise ValueError("eta", "need eta > 0, tau >= 0 and eta * tau <= 1")
+        if self.eta * self.tau > 1:
+            raise ValueError("eta", f"eta * tau must be <= 1, got {self.eta} * {self.tau}")

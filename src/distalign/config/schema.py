@@ -5,11 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .ranges import Range
 
-def _f(default=None, help: str = "", choices=None, factory=None):
+# Ranges every schema shares (interval notation, `config.ranges`).
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, UNIT, REAL = "(0, inf)", "[0, inf)", "[1, inf)", "[0, 1]", "(-inf, inf)"
+SEED = "[0, 4294967295]"   # what numpy accepts
+
+
+def _f(default=None, help: str = "", choices=None, factory=None, range: str | None = None, schema=None):
+    """A schema field: `help` for --list-fields, `choices` or a valid `range` checked at load, and
+    `schema`: for a mapping whose keys depend on sibling values, a function of the parent's raw values
+    returning the dataclass to check it against (see `config.loader`)."""
     meta = {"help": help}
     if choices:
         meta["choices"] = tuple(choices)
+    if range is not None:
+        meta["range"] = Range.parse(range)
+    if schema is not None:
+        meta["schema"] = schema
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -17,9 +30,9 @@ def _f(default=None, help: str = "", choices=None, factory=None):
 
 @dataclass
 class LoraSettings:
-    r: int = _f(8, "LoRA rank")
-    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = _f(0.0, "dropout on the LoRA path")
+    r: int = _f(8, "LoRA rank", range=AT_LEAST_ONE)
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)", range=POSITIVE)
+    dropout: float = _f(0.0, "dropout on the LoRA path", range="[0, 1)")
     target_modules: str | list[str] = _f("all-linear", "module names to adapt, or 'all-linear'")
 
 
@@ -45,8 +58,10 @@ class DataConfig:
     train: str = _f("", "training data: JSONL/JSON/Parquet/CSV file, save_to_disk folder, or Hub id")
     eval: Optional[str] = _f(None, "held-out data of the same kind (optional)")
     split: str = _f("train", "split name for folders and Hub datasets")
-    max_prompt_length: int = _f(256, "prompts longer than this (tokens) are errors, or skipped with skip_invalid")
-    max_length: int = _f(512, "prompt + response tokens; longer responses are truncated and counted")
+    max_prompt_length: int = _f(256, "prompts longer than this (tokens) are errors, or skipped with skip_invalid",
+                                 range=AT_LEAST_ONE)
+    max_length: int = _f(512, "prompt + response tokens; longer responses are truncated and counted",
+                          range=AT_LEAST_ONE)
     skip_invalid: bool = _f(False, "skip malformed rows and report how many instead of stopping")
 
     def validate(self):
@@ -58,28 +73,29 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = _f(1e-5, "peak AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    warmup_steps: int = _f(0, "linear warm-up steps (optimizer steps)")
+    learning_rate: float = _f(1e-5, "peak AdamW learning rate", range=POSITIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    adam_beta1: float = _f(0.9, "AdamW beta1", range="[0, 1)")
+    adam_beta2: float = _f(0.999, "AdamW beta2", range="[0, 1)")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", range=POSITIVE)
+    warmup_steps: int = _f(0, "linear warm-up steps (optimizer steps)", range=NON_NEGATIVE)
     schedule: str = _f("cosine", "decay after warm-up", choices=("cosine", "linear", "constant"))
-    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping",
+                              range=NON_NEGATIVE)
 
 
 @dataclass
 class RunConfig:
     output_dir: str = _f("runs/run", "checkpoints, logs and the final model go here")
-    seed: int = _f(0, "seed for data order, initialisation of new heads, and sampling")
-    batch_size: int = _f(8, "examples per process per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    epochs: float = _f(1.0, "passes over the training data (ignored if max_steps > 0)")
-    max_steps: int = _f(0, "optimizer steps; 0 = derive from epochs")
-    log_every: int = _f(10, "optimizer steps between log lines")
-    eval_every: int = _f(0, "optimizer steps between evaluations; 0 = only at the end")
-    save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep")
+    seed: int = _f(0, "seed for data order, initialisation of new heads, and sampling", range=SEED)
+    batch_size: int = _f(8, "examples per process per micro-batch", range=AT_LEAST_ONE)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", range=AT_LEAST_ONE)
+    epochs: float = _f(1.0, "passes over the training data (ignored if max_steps > 0)", range=NON_NEGATIVE)
+    max_steps: int = _f(0, "optimizer steps; 0 = derive from epochs", range=NON_NEGATIVE)
+    log_every: int = _f(10, "optimizer steps between log lines", range=AT_LEAST_ONE)
+    eval_every: int = _f(0, "optimizer steps between evaluations; 0 = only at the end", range=NON_NEGATIVE)
+    save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end", range=NON_NEGATIVE)
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep; 0 keeps every one", range=NON_NEGATIVE)
     mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     retain_freed_memory: bool = _f(True, "CPU runs: keep freed memory in the process (glibc) so steps "
                                          "reuse pages instead of page-faulting them in again (~3-6% faster)")
@@ -87,12 +103,16 @@ class RunConfig:
     progress_bar: bool = _f(True, "show a tqdm progress bar")
 
     def validate(self):
-        for name in ("batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(name, "must be >= 1")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("epochs", f"must be > 0 when max_steps is 0 (derive steps from epochs), got {self.epochs}")
 
 
 OFFLINE_METHODS_EXTRA = ("sft", "reward")
+
+
+def _offline_loss_schema(values):
+    from .signature import offline_loss_schema  # imports the objectives (torch) only when a config loads
+    return offline_loss_schema(values)
 
 
 @dataclass
@@ -104,8 +124,9 @@ class OfflineConfig:
     data: DataConfig = _f(help="training data", factory=DataConfig)
     optim: OptimConfig = _f(help="optimiser and schedule", factory=OptimConfig)
     train: RunConfig = _f(help="loop, batching, checkpoints", factory=RunConfig)
-    loss: dict = _f(help="hyperparameters of the objective, e.g. {beta: 0.1}; checked against its signature",
-                    factory=dict)
+    loss: dict = _f(help="hyperparameters of the objective, e.g. {beta: 0.1}; typed and range-checked from its "
+                         "signature (`--list-fields` with a method lists them)",
+                    factory=dict, schema=_offline_loss_schema)
     share_prompt: bool = _f(True, "one row [prompt|chosen|rejected] with a 4D mask instead of two rows")
     precompute_reference: bool = _f(False, "compute reference log-probs once before training and cache them")
     group_by_length: bool = _f(False, "batch examples of similar length (runs of 50 batches sorted, batches "

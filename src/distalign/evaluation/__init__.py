@@ -1,17 +1,14 @@
 """Evaluation: win-rate (oracle, reward model, LLM judge in both orders), KL to the reference,
 reward-model score and accuracy, MT-Bench-style grading, lm-evaluation-harness, reports.
 
-`evaluate(config) -> dict` is the entry point of `distalign eval --config`; its config keys:
-  policies (required: {name: path} or [paths]), reference (pi0 path: KL and the default win-rate
-  opponent), tokenizer, prompts (required: JSONL/JSON with `prompt` and optional `reference`
-  responses), prompt_field, reference_field, max_prompts, generation {max_new_tokens, temperature,
-  seed, batch_size}, reward_model (path), pairs (held-out pairs for RM accuracy), judge (JudgeConfig
-  keys: base_url, model, api_key_env, timeout, max_retries, backoff, max_backoff, max_concurrency,
-  invalid_retries, temperature, max_tokens, cache_path), mtbench (bool), harness {tasks, include_path,
-  limit, num_fewshot, batch_size}, device, output_dir (required). See `pipeline.py`.
+`evaluate(config) -> dict` is the entry point of `distalign eval --config`; its config is an
+`EvalConfig` (`evaluation.config`, every key typed and range-checked; `distalign eval --help` lists
+them): policies, reference, tokenizer, prompts, prompt_field, reference_field, max_prompts,
+generation, reward_model, pairs, judge (`JudgeConfig`), mtbench, harness, device, output_dir.
 
 Never imports distalign.training or distalign.cli.
 """
+from .config import EvalConfig, EvalGeneration, HarnessSettings
 from .harness import alignment_tax, hflm_model_args, require_lm_eval, run_lm_eval, summarize_results
 from .judge import JudgeClient, JudgeConfig, JudgeError, combine_orders, judge_pairs, parse_pairwise_verdict
 from .metrics import (
@@ -37,6 +34,9 @@ from .winrate import (
 )
 
 __all__ = [
+                      "EvalConfig",
+                      "EvalGeneration",
+                      "HarnessSettings",
                       "JudgeClient",
                       "JudgeConfig",
                       "JudgeError",

@@ -27,7 +27,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from distalign.config import build_dataclass, schema_field as _f
+from distalign.config.loader import Location
+from distalign.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 
 from .judge_cache import VerdictCache, cache_key
 
@@ -59,41 +63,54 @@ class MalformedAnswer(ValueError):
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """Where and how to ask the judge. Built from a config mapping by `JudgeConfig.from_dict`."""
+    """Where and how to ask the judge. Built from a config mapping by `JudgeConfig.from_dict` (or as the
+    `judge:` section of the eval config), with every value checked against its range."""
 
-    base_url: str                          # e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8000/v1"
-    model: str                             # the judge model name sent in the request
-    api_key_env: str | None = "OPENAI_API_KEY"  # NAME of the env var holding the key; None: no key sent
-    timeout: float = 60.0                  # seconds per HTTP request
-    max_retries: int = 5                   # transport retries after the first try (429 / 5xx / timeouts)
-    backoff: float = 1.0                   # base delay (s); try k waits about backoff * 2**k, with jitter
-    max_backoff: float = 60.0              # cap on one wait, Retry-After included
-    max_concurrency: int = 4               # requests in flight at most
-    invalid_retries: int = 1               # re-asks when the answer is malformed or has no verdict
-    temperature: float = 0.0
-    max_tokens: int = 512
-    cache_path: str | None = None          # JSONL verdict cache; None disables caching
+    base_url: str = _f("", "e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (required)")
+    model: str = _f("", "the judge model name sent in the request (required)")
+    api_key_env: str | None = _f("OPENAI_API_KEY", "NAME of the environment variable holding the API key "
+                                                   "(never the key itself); null: no key sent")
+    timeout: float = _f(60.0, "seconds per HTTP request", range=POSITIVE)
+    max_retries: int = _f(5, "transport retries after the first try (429 / 5xx / timeouts)", range=NON_NEGATIVE)
+    backoff: float = _f(1.0, "base delay (s); try k waits about backoff * 2**k, with jitter", range=NON_NEGATIVE)
+    max_backoff: float = _f(60.0, "cap on one wait (s), Retry-After included", range=NON_NEGATIVE)
+    max_concurrency: int = _f(4, "requests in flight at most", range=AT_LEAST_ONE)
+    invalid_retries: int = _f(1, "re-asks when the answer is malformed or has no verdict", range=NON_NEGATIVE)
+    temperature: float = _f(0.0, "judge sampling temperature", range=NON_NEGATIVE)
+    max_tokens: int = _f(512, "longest judge answer (tokens)", range=AT_LEAST_ONE)
+    cache_path: str | None = _f(None, "JSONL verdict cache; null disables caching (eval: <output_dir>/judge_cache.jsonl)")
 
     @classmethod
-    def from_dict(cls, raw: dict, where: str = "judge") -> JudgeConfig:
-        """Validate a mapping; errors name the key as `{where}.{key}`."""
-        known = {f.name for f in fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise ValueError(f"{where}.{key}: unknown key (expected one of {sorted(known)})")
+    def from_dict(cls, raw: dict, where: str = "judge config") -> JudgeConfig:
+        """Validate a mapping; errors name the key as `judge.{key}` (and `where` the value came from)."""
+        return build_dataclass(cls, dict(raw), Location(where, path="judge"))
+
+    def validate(self):
         for key in ("base_url", "model"):
-            if not isinstance(raw.get(key), str) or not raw[key]:
-                raise ValueError(f"{where}.{key}: required, a non-empty string")
-        config = cls(**raw)
-        positive = {"timeout": config.timeout, "max_concurrency": config.max_concurrency}
-        for key, value in positive.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{where}.{key}: must be a positive number, got {value!r}")
-        for key in ("max_retries", "invalid_retries", "backoff", "max_backoff"):
-            value = getattr(config, key)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{where}.{key}: must be a number >= 0, got {value!r}")
-        return config
+            if not getattr(self, key):
+                raise ValueError(key, "required, a non-empty string")
+        if self.api_key_env is not None and not looks_like_env_name(self.api_key_env):
+            # The value is probably the key itself: say so without echoing it.
+            raise ValueError("api_key_env", "expected the NAME of an environment variable (such as "
+                                            "OPENAI_API_KEY), got something that looks like an API key "
+                                            "(not shown); export it and give the variable's name")
+
+    def check_key(self) -> None:
+        """Fail now (before any model loads) when the named environment variable is unset."""
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise JudgeError(f"judge.api_key_env: environment variable {self.api_key_env!r} is not set")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def looks_like_env_name(text: str) -> bool:
+    """An environment variable name (letters, digits, underscores), not a pasted secret: keys carry
+    dashes or dots (sk-..., hf_...-...), or are long runs of mixed-case letters and digits."""
+    if not _ENV_NAME.fullmatch(text):
+        return False
+    mixed = any(c.islower() for c in text) and any(c.isdigit() for c in text)
+    return not (len(text) >= 20 and mixed)
 
 
 def parse_pairwise_verdict(text: str) -> str | None:
@@ -158,13 +175,10 @@ class JudgeClient:
         return self.config.base_url.rstrip("/") + "/chat/completions"
 
     def _api_key(self) -> str | None:
-        name = self.config.api_key_env
-        if not name:
+        if not self.config.api_key_env:
             return None
-        key = os.environ.get(name)
-        if not key:
-            raise JudgeError(f"judge.api_key_env: environment variable {name!r} is not set")
-        return key
+        self.config.check_key()
+        return os.environ[self.config.api_key_env]
 
     def _wait(self, attempt: int, retry_after: float | None) -> None:
         # Full-range jitter on [0.5, 1] x the exponential step spreads retries of concurrent workers apart.

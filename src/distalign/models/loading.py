@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .quiet import new_weights_line, quiet_loading
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
 # Attention + MLP projections; anything else falls back to PEFT's "all-linear" (every Linear but the head).
@@ -119,15 +121,19 @@ def _adapter_base(source: str) -> str | None:
 def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device, **extra):
     source = resolve_source(name_or_path, trust_remote_code)
     base_source = _adapter_base(source)
-    model = auto_class.from_pretrained(resolve_source(base_source or source, trust_remote_code),
-                                       dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **extra)
-    if base_source is not None:
-        # A saved adapter: trainable again when the caller asks for LoRA (its settings come from the folder).
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, source, is_trainable=lora is not None)
-    elif lora is not None:
-        from peft import get_peft_model
-        model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
+    weights = resolve_source(base_source or source, trust_remote_code)
+    with quiet_loading():
+        model, info = auto_class.from_pretrained(weights, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                 output_loading_info=True, **extra)
+        if base_source is not None:
+            # A saved adapter: trainable again when the caller asks for LoRA (its settings come from the folder).
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, source, is_trainable=lora is not None)
+        elif lora is not None:
+            from peft import get_peft_model
+            model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
+    if new_weights_line(weights, info):
+        print(new_weights_line(weights, info))
     return model.to(device) if device is not None else model
 
 

@@ -1,18 +1,21 @@
 """Name -> objective, and how a trainer feeds it. Adding a method = one objective + one entry here.
 
 The offline trainer computes a `PairLogps` for each batch and calls `objective(pair_logps, **hp)`;
-hyperparameters come from the config's `loss:` mapping and are checked against the function's own
-keyword arguments, so a typo names the valid keys instead of being ignored.
+hyperparameters come from the config's `loss:` mapping, typed by the function's own annotations and
+defaults and checked against `valid`: each hyperparameter's range in interval notation ("(0, inf)")
+or a tuple of its choices, so a typo names the valid keys and a value out of range fails at load.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch import Tensor
 
 from .cpo import cpo_loss
+from .likelihood import reward_bt_loss, sft_loss
 from .pairwise import (dpo_loss, hinge_loss, ipo_loss, pmle_loss, robust_dpo_loss, rpo_loss,
                        simpo_loss)
 
@@ -47,11 +50,14 @@ class PairwiseObjective:
     loss: Callable[..., Tensor]
     tensors: Callable[[PairLogps], dict]
     needs_reference: bool
+    valid: Mapping[str, str | tuple] = field(default_factory=dict)   # hyperparameter -> range or choices
+
+    def __post_init__(self):
+        _check_valid(self.loss, self.valid)
 
     def hyperparameters(self) -> dict:
         """Keyword arguments with defaults that are not tensors taken from PairLogps."""
-        return {name: p.default for name, p in inspect.signature(self.loss).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+        return hyperparameters(self.loss)
 
     def validate(self, hparams: dict, where: str = "loss") -> None:
         valid = self.hyperparameters()
@@ -63,18 +69,57 @@ class PairwiseObjective:
         return self.loss(**self.tensors(pair_logps), **hparams)
 
 
+def hyperparameters(fn: Callable) -> dict:
+    """An objective's hyperparameters: its keyword arguments with defaults, name -> default."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _check_valid(fn: Callable, valid: Mapping) -> None:
+    unknown = sorted(set(valid) - set(hyperparameters(fn)))
+    if unknown:
+        raise TypeError(f"{fn.__name__}: `valid` names {unknown}, which are not hyperparameters of it")
+
+
+BETA = {"beta": "(0, inf)"}
 PAIRWISE_OBJECTIVES: dict[str, PairwiseObjective] = {
-    "dpo": PairwiseObjective(dpo_loss, _with_ref, needs_reference=True),
-    "ipo": PairwiseObjective(ipo_loss, _with_ref, needs_reference=True),
-    "hinge": PairwiseObjective(hinge_loss, _with_ref, needs_reference=True),
-    "robust_dpo": PairwiseObjective(robust_dpo_loss, _with_ref, needs_reference=True),
+    "dpo": PairwiseObjective(dpo_loss, _with_ref, needs_reference=True, valid=BETA),
+    "ipo": PairwiseObjective(ipo_loss, _with_ref, needs_reference=True, valid=BETA),
+    "hinge": PairwiseObjective(hinge_loss, _with_ref, needs_reference=True, valid=BETA),
+    "robust_dpo": PairwiseObjective(robust_dpo_loss, _with_ref, needs_reference=True,
+                                    valid={**BETA, "epsilon": "[0, 0.5)",
+                                           "variant": ("conservative", "robust")}),
     "rpo": PairwiseObjective(rpo_loss, lambda p: dict(_with_ref(p), chosen_lengths=p.chosen_lengths),
-                             needs_reference=True),
-    "cpo": PairwiseObjective(cpo_loss, lambda p: dict(_with_ref(p), **_with_lengths(p)), needs_reference=True),
+                             needs_reference=True, valid={**BETA, "alpha": "[0, inf)"}),
+    "cpo": PairwiseObjective(cpo_loss, lambda p: dict(_with_ref(p), **_with_lengths(p)), needs_reference=True,
+                             valid={**BETA, "alpha": "(0, inf)", "tau": "(0, inf)", "margin": "[0, inf)",
+                                    "variant": ("full", "simple", "clip")}),
     "simpo": PairwiseObjective(simpo_loss, lambda p: dict(_policy_only(p), **_with_lengths(p)),
-                               needs_reference=False),
-    "pmle": PairwiseObjective(pmle_loss, _policy_only, needs_reference=False),
+                               needs_reference=False, valid={**BETA, "margin": "[0, inf)"}),
+    "pmle": PairwiseObjective(pmle_loss, _policy_only, needs_reference=False, valid={"gamma": "(0, inf)"}),
 }
+
+
+@dataclass(frozen=True)
+class SupervisedObjective:
+    """SFT or reward-model loss as the offline trainer's tasks call it (`training.tasks`)."""
+    loss: Callable[..., Tensor]
+    valid: Mapping[str, str | tuple] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_valid(self.loss, self.valid)
+
+
+SUPERVISED_OBJECTIVES: dict[str, SupervisedObjective] = {
+    "sft": SupervisedObjective(sft_loss),
+    "reward": SupervisedObjective(reward_bt_loss, valid={"margin": "[0, inf)", "l2": "[0, inf)"}),
+}
+
+
+def offline_objective(method: str) -> tuple[Callable, Mapping[str, str | tuple]] | None:
+    """(loss function, valid ranges / choices of its hyperparameters) of an offline method, else None."""
+    entry = PAIRWISE_OBJECTIVES.get(method) or SUPERVISED_OBJECTIVES.get(method)
+    return (entry.loss, entry.valid) if entry is not None else None
 
 
 def get_pairwise_objective(name: str) -> PairwiseObjective:

@@ -9,14 +9,15 @@ tokens), `rows` the data rows' other columns (one dict per completion).
 """
 from __future__ import annotations
 
-import importlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from distalign.config.plugins import import_callable as _import_callable
 from distalign.models import load_reward_model, load_tokenizer, reward_scores
 
 from . import verifiers
@@ -27,18 +28,11 @@ class RewardSource(Protocol):
 
 
 def import_callable(spec: str) -> Callable:
-    """'package.module:function' -> the function; errors name the spec."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {spec!r}: expected 'module:function'")
+    """'package.module:function' -> the function; errors name the spec (`config.plugins`)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
+        return _import_callable(spec)
+    except ValueError as err:
+        raise ValueError(f"reward function {err}") from None
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -47,26 +41,62 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 class CallableSource:
     """A Python function `fn(prompts, completions, **columns) -> list[float]`, given as an object or as
-    'module:function'; `kwargs` are fixed extra keyword arguments (e.g. a regex pattern)."""
+    'module:function'; `kwargs` are fixed extra keyword arguments (e.g. a regex pattern).
+
+    Values may be Python, numpy or 0-d torch numbers (or one numpy array / tensor). Errors name the
+    function and its module, and for an exception inside it the first sample that raises alone.
+    """
 
     def __init__(self, fn: Callable | str, **kwargs: Any):
-        self.name = fn if isinstance(fn, str) else getattr(fn, "__name__", repr(fn))
+        if isinstance(fn, str):
+            self.name = fn
+        else:
+            self.name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
         self.fn = import_callable(fn) if isinstance(fn, str) else fn
         self.kwargs = kwargs
 
+    def _call(self, prompts: list[str], completions: list[str], rows: list[dict]):
+        return self.fn(prompts, completions, **{**_columns(rows), **self.kwargs})
+
+    def _raised(self, error: Exception, prompts: list[str], completions: list[str], rows: list[dict]):
+        """A one-line ValueError for an exception inside the function, naming the first sample that
+        raises on its own (the function is pure by contract, so asking again per sample is safe)."""
+        at = f"on the batch of {len(completions)} samples"
+        for i in range(len(completions)):
+            try:
+                self._call(prompts[i:i + 1], completions[i:i + 1], rows[i:i + 1])
+            except Exception:  # noqa: BLE001 - any failure of user code locates the sample
+                at = f"on sample {i} (prompt {_clip(prompts[i])!r})"
+                break
+        detail = str(error).splitlines()[0] if str(error).strip() else ""
+        return ValueError(f"reward function {self.name} raised {type(error).__name__}"
+                          f"{': ' + detail if detail else ''} {at}")
+
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
-        values = self.fn(prompts, completions, **{**_columns(rows), **self.kwargs})
-        values = list(values)
+        try:
+            values = self._call(prompts, completions, rows)
+        except Exception as error:  # noqa: BLE001 - user code: report it as one line, not a traceback
+            raise self._raised(error, prompts, completions, rows) from None
+        if hasattr(values, "tolist"):  # a numpy array or torch tensor
+            values = values.tolist()
+        if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"reward function {self.name}: returned {type(values).__name__} "
+                             f"{_clip(repr(values))}, expected a list of {len(completions)} numbers")
+        values = [v.item() if hasattr(v, "item") else v for v in values]
         if len(values) != len(completions):
             raise ValueError(f"reward function {self.name}: returned {len(values)} values for "
                              f"{len(completions)} completions")
-        bad = [i for i, v in enumerate(values) if not isinstance(v, (int, float)) or not math.isfinite(v)]
+        bad = [i for i, v in enumerate(values) if not isinstance(v, numbers.Real) or not math.isfinite(v)]
         if bad:
             raise ValueError(f"reward function {self.name}: value {bad[0]} is {values[bad[0]]!r}, "
                              "expected a finite number")
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 class RewardModelSource:

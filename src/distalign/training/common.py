@@ -64,13 +64,54 @@ def retain_freed_memory(trim_threshold: int = 1 << 30) -> bool:
             and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
 
 
+class LaunchError(RuntimeError):
+    """The run was launched in a way it cannot run as asked (process count)."""
+
+
 def require_single_process(what: str) -> None:
     """Refuse a multi-process launch for a loop that has no data or gradient split across processes
     (each process would otherwise train its own copy and race on the same output folder)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise RuntimeError(f"{what} runs in a single process, but it was launched as one of {world} "
-                           "(WORLD_SIZE); start it without torchrun / accelerate launch")
+        raise LaunchError(f"{what} runs in a single process, but it was launched as one of {world} "
+                          "(WORLD_SIZE); start it without torchrun / accelerate launch")
+
+
+def _launcher_num_processes(cmdline: list[str]) -> int:
+    """The --num_processes / --num-processes value on an `accelerate launch` command line, else 1."""
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(cmdline):
+                value = cmdline[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            else:
+                continue
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+def check_launch(parent_cmdline: list[str] | None = None) -> None:
+    """Refuse `accelerate launch --num_processes N` (N > 1) that started one process.
+
+    Without `--multi_gpu`, accelerate 1.x runs its single-process launcher on a machine without
+    GPUs, whatever --num_processes says; the one process sees ACCELERATE_* variables but no
+    WORLD_SIZE, and the launcher (its parent) still holds the flag on its command line.
+    """
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    if parent_cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:  # not Linux: nothing to read the launcher's arguments from
+            return
+        parent_cmdline = raw.decode(errors="replace").split("\0")
+    asked = _launcher_num_processes(parent_cmdline)
+    if asked > 1:
+        raise LaunchError(f"accelerate launch --num_processes {asked} started a single process (without "
+                          f"--multi_gpu accelerate uses its one-process launcher); add --multi_gpu (on CPU "
+                          f"the processes form a gloo group) or run torchrun --nproc_per_node {asked} -m "
+                          "distalign ...")
 
 
 def average_gradients(model: torch.nn.Module, accelerator) -> None:
@@ -220,7 +261,9 @@ def load_records(data, source: str, kind: str, tokenizer, log=print) -> list:
     records, tok_report = tokenize_examples(examples, kind, tokenizer, max_prompt_length=data.max_prompt_length,
                                             max_length=data.max_length, skip_invalid=data.skip_invalid,
                                             source_name=source)
-    log(f"{source}: {report.summary()}; {tok_report.summary()}")
+    # Tokenizing reads the rows validation kept: its report adds only what it skipped or truncated.
+    tokenized = f"; tokenized: {tok_report.summary()}" if tok_report.rows_skipped or tok_report.truncated else ""
+    log(f"{source}: {report.summary()}{tokenized}")
     if not records:
         raise ValueError(f"{source}: no usable {kind} after validation")
     return records

@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from transformers import LlamaForCausalLM
 
 from distalign.models import evaluating, merged_state_dict, unwrap_model
 from distalign.models.fast_decode import LlamaDecoder
 from distalign.objectives import geometric_mixture
 
 from .rollout import SampledBatch, assemble_batch, entropy_of, left_pad
+
+# transformers 5 renamed the KV cache argument and output `past_key_values` -> `cache` (the old name
+# warns); the rename is per release, so one model class tells which name this installation takes.
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def filter_logits(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -116,8 +122,7 @@ class _ModelStep:
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.length += 1
         return self.forward(input_ids=tokens[:, None], attention_mask=self.attention[:, :self.length],
-                            position_ids=positions[:, None], past_key_values=self.cache,
-                            use_cache=True).logits[:, -1]
+                            position_ids=positions[:, None], use_cache=True, **{CACHE: self.cache}).logits[:, -1]
 
 
 class CachedSampler:
@@ -185,7 +190,7 @@ class CachedSampler:
         for forward in forwards:
             out = forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           use_cache=True, logits_to_keep=1)
-            steps.append(self._decode_step(forward, out.past_key_values, rows, mask))
+            steps.append(self._decode_step(forward, getattr(out, CACHE), rows, mask))
             logits.append(out.logits[:, -1].index_select(0, rows))
         next_position = mask.index_select(0, rows).sum(-1)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)

@@ -7,7 +7,9 @@ separate modules written alongside).
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import time
 from pathlib import Path
 
@@ -39,6 +41,16 @@ def load_experiment(name: str):
             raise
         raise ExperimentUnavailable(f"experiment {name!r}: module {module_name} is not available") from None
     return getattr(module, function_name)
+
+
+def describe(name: str) -> str:
+    """The first docstring paragraph of an experiment's module, read without importing it (for --help)."""
+    spec = importlib.util.find_spec(EXPERIMENTS[name].split(":")[0])
+    if spec is None or not spec.origin:
+        return "(not installed)"
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    first = " ".join(doc.strip().split("\n\n")[0].split())  # the first paragraph, on one line
+    return (first.split(": ", 1)[1] if ": " in first else first).rstrip(",")
 
 
 def run_experiment(name: str, out_dir: Path, quick: bool = False, seed: int = 0, **options) -> dict:
