@@ -111,7 +111,7 @@ def test_bad_data_row_names_file_row_field(world_dir, tmp_path):
 
 def test_unknown_method_lists_valid_ones():
     out = run("train", "dpoo")
-    assert out.returncode != 0 and "valid:" in out.stderr and "dpo" in out.stderr
+    one_line_error(out, "unknown method 'dpoo'", "valid:", "dpo")
 
 
 def test_eval_command_writes_report(world_dir, tmp_path):
@@ -125,5 +125,47 @@ def test_eval_command_writes_report(world_dir, tmp_path):
     out = run("eval", "--config", config)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "out" / "eval.md").is_file() and (tmp_path / "out" / "eval.json").is_file()
+    assert "| tiny |" in out.stdout   # the results table is printed
     bad = run("eval", "--config", config, "policiez=1")
-    one_line_error(bad, "policiez")
+    one_line_error(bad, "command line: unknown key 'policiez'")
+
+
+def test_version_and_help_texts(capsys):
+    import pytest
+
+    from distalign import __version__
+    from distalign.cli.main import main
+    for argv, expected in ((["--version"], f"distalign {__version__}"),
+                           (["testbed", "--help"], "mixed-feedback"),
+                           (["eval", "--help"], "judge.max_concurrency"),
+                           (["train", "--help"], "nash_md_pg"),
+                           (["--help"], "exit codes")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0 and expected in capsys.readouterr().out, argv
+    assert main(["train", "cpo", "--list-fields"]) == 0
+    fields = capsys.readouterr().out
+    assert "loss.tau" in fields and "[range: (0, inf)]" in fields and "[choices: full, simple, clip]" in fields
+    assert "train.max_steps" in fields and "[range: [0, inf)]" in fields
+
+
+def test_an_internal_error_exits_1_with_the_traceback_and_a_bug_line(monkeypatch, capsys):
+    from distalign.cli import main as cli
+
+    def broken(args):
+        raise KeyError("boom")   # not a user error: a bug
+
+    monkeypatch.setattr(cli, "cmd_demo", broken)
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "internal error: KeyError" in err and "This is a bug in distalign" in err
+
+
+def test_only_the_main_process_prints(monkeypatch, capsys):
+    from distalign.cli.main import main
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "dpo", "--list-fields"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("DISTALIGN_ALL_PROCESSES_PRINT", "1")
+    assert main(["train", "dpo", "--list-fields"]) == 0
+    assert "loss.beta" in capsys.readouterr().out

@@ -84,3 +84,25 @@ def test_reward_model_source_scores_last_real_token(tmp_path):
                             + [tok.eos_token_id]])
         with torch.no_grad():
             assert scores[i].item() == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+
+
+def test_callable_source_names_the_sample_that_raises_and_accepts_numpy():
+    import numpy as np
+
+    def picky(prompts, completions, **_):
+        return [1.0 / (len(c) - 2) for c in completions]   # ZeroDivisionError on a 2-character completion
+
+    with pytest.raises(ValueError, match=r"picky raised ZeroDivisionError: .* on sample 1 \(prompt 'p1'\)"):
+        CallableSource(picky)(["p0", "p1", "p2"], ["abc", "ab", "abcd"], [{}, {}, {}])
+    with pytest.raises(ValueError, match="returned NoneType None, expected a list of 2 numbers"):
+        CallableSource(lambda p, c, **_: None)(["a", "b"], ["x", "y"], [{}, {}])
+    scores = CallableSource(lambda p, c, **_: [np.float32(0.5), np.int64(2), True])(["a"] * 3, ["x"] * 3, [{}] * 3)
+    assert scores.tolist() == [0.5, 2.0, 1.0]
+    assert CallableSource(lambda p, c, **_: np.array([1.5, 2.5]))(["a"] * 2, ["x"] * 2, [{}] * 2).tolist() == [1.5, 2.5]
+
+
+def test_a_syntax_error_in_a_plugin_names_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "syntax_bad_plugin.py").write_text("def f(p, c, **_):\n    return [1.0 for x in c\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"syntax error in .*syntax_bad_plugin\.py, line 2"):
+        CallableSource("syntax_bad_plugin:f")

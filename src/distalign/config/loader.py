@@ -162,7 +162,7 @@ def build_dataclass(cls: type, values: dict, where: str | Location) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         key = where.child(unknown[0])
-        raise ConfigError(f"{key.origin}: unknown key '{key.path}'; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"{key.origin}: unknown key '{key.path}'; valid keys: {', '.join(fields) or '(none)'}")
     kwargs = {}
     for name, f in fields.items():
         field_where = where.child(name)

@@ -37,6 +37,8 @@ from .winrate import judge_winrate, oracle_winrate, winrate_from_rewards
 
 def read_rows(path: str, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a JSONL or JSON-list file; a missing / non-string field names the file, row and field."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: file not found")
     text = Path(path).read_text(encoding="utf-8")
     try:
         rows = json.loads(text) if path.endswith(".json") else [
