@@ -164,6 +164,7 @@ def test_an_internal_error_exits_1_with_the_traceback_and_a_bug_line(monkeypatch
 def test_only_the_main_process_prints(monkeypatch, capsys):
     from distalign.cli.main import main
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # set by main() on other processes
     assert main(["train", "dpo", "--list-fields"]) == 0
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("DISTALIGN_ALL_PROCESSES_PRINT", "1")
