@@ -67,6 +67,8 @@ class IRLConfig:
     output_dir: str = _f("runs/irl", "iter-{t}/reward, iter-{t}/rl/final and final/ (the last policy) go here")
     seed: int = _f(0, "seed of data order, sampling and the reward head initialisation", range=SEED)
     iterations: int = _f(2, "outer iterations t = 1..K of reward step then RL step", range=AT_LEAST_ONE)
+    gradient_checkpointing: bool = _f(False, "activation checkpointing in the reward steps and the RL steps "
+                                             "(less memory, ~1 more forward per step)")
     progress_bar: bool = _f(False, "tqdm bars inside the RL steps")
     generation: GenerationConfig = _f(help="sampling of the reward step's policy samples and of the RL rollouts",
                                       factory=lambda: GenerationConfig(num_samples=4, temperature=1.0))

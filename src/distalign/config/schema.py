@@ -97,6 +97,8 @@ class RunConfig:
     save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end", range=NON_NEGATIVE)
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep; 0 keeps every one", range=NON_NEGATIVE)
     mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward instead of keeping its "
+                                             "activations: far less activation memory, ~1 more forward per step")
     retain_freed_memory: bool = _f(True, "CPU runs: keep freed memory in the process (glibc) so steps "
                                          "reuse pages instead of page-faulting them in again (~3-6% faster)")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")

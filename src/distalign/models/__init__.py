@@ -7,6 +7,7 @@ from .collate import collate_pairs, collate_sequences, unshare_pairs
 from .loading import (
                       ModelLoadError,
                       ReferenceModel,
+                      enable_gradient_checkpointing,
                       evaluating,
                       is_peft_model,
                       load_policy,
@@ -30,7 +31,8 @@ from .scoring import reward_scores, score_sequences
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
-    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "evaluating",
+    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "enable_gradient_checkpointing",
+    "evaluating",
     "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model",
     "merged_state_dict", "pair_logps",

@@ -118,7 +118,8 @@ def _adapter_base(source: str) -> str | None:
     return base
 
 
-def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device, **extra):
+def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device,
+          gradient_checkpointing: bool = False, **extra):
     source = resolve_source(name_or_path, trust_remote_code)
     base_source = _adapter_base(source)
     weights = resolve_source(base_source or source, trust_remote_code)
@@ -134,17 +135,46 @@ def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_co
             model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
     if new_weights_line(weights, info):
         print(new_weights_line(weights, info))
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(device) if device is not None else model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each decoder layer's input for the backward and recompute the layer there (HF activation
+    checkpointing, non-reentrant): activation memory drops from ~all intermediates of every layer to one
+    hidden state per layer, for about one more forward of compute per step. Losses and gradients are
+    unchanged. The non-reentrant form needs no input that requires grad, so it also trains a LoRA adapter
+    on frozen weights; input grads are still switched on for PEFT models (what the reentrant form and
+    older transformers need). Layers run as usual in eval mode or under no_grad (sampling, the reference).
+    """
+    base = unwrap_model(model)
+    peft = is_peft_model(base)
+    if peft:
+        base = base.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(base).__name__} does not support activation "
+                         "checkpointing")
+    options = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if peft and getattr(base, "_require_grads_hook", None) is None:
+        base.enable_input_require_grads()
+
+
 def load_policy(name_or_path, *, dtype="float32", lora: dict | None = None, trust_remote_code: bool = False,
-                device=None):
-    """An `AutoModelForCausalLM`, optionally wrapped with a fresh LoRA adapter (PEFT)."""
-    return _load(AutoModelForCausalLM, "CAUSAL_LM", name_or_path, dtype, lora, trust_remote_code, device)
+                device=None, gradient_checkpointing: bool = False):
+    """An `AutoModelForCausalLM`, optionally wrapped with a fresh LoRA adapter (PEFT) and with activation
+    checkpointing on (`enable_gradient_checkpointing`)."""
+    return _load(AutoModelForCausalLM, "CAUSAL_LM", name_or_path, dtype, lora, trust_remote_code, device,
+                 gradient_checkpointing)
 
 
 def load_reward_model(name_or_path, *, dtype="float32", lora: dict | None = None,
-                      trust_remote_code: bool = False, device=None, pad_token_id: int | None = None):
+                      trust_remote_code: bool = False, device=None, pad_token_id: int | None = None,
+                      gradient_checkpointing: bool = False):
     """An `AutoModelForSequenceClassification` with one label: the scalar reward R(x, y).
 
     Starting from a causal-LM checkpoint gives a randomly initialised score head (HF warns). The head
@@ -152,7 +182,7 @@ def load_reward_model(name_or_path, *, dtype="float32", lora: dict | None = None
     else its EOS id. With LoRA, PEFT's SEQ_CLS task also trains the score head in full.
     """
     model = _load(AutoModelForSequenceClassification, "SEQ_CLS", name_or_path, dtype, lora, trust_remote_code,
-                  device, num_labels=1)
+                  device, gradient_checkpointing, num_labels=1)
     config = model.config
     if pad_token_id is not None or config.pad_token_id is None:
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id

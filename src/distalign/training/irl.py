@@ -66,7 +66,7 @@ class RewardLearner:
             return
         r, m = self.cfg.reward, self.cfg.model
         self.model = load_reward_model(r.init or policy_dir, **m.load_options(), device=self.device,
-                                       pad_token_id=self.pad)
+                                       pad_token_id=self.pad, gradient_checkpointing=self.cfg.gradient_checkpointing)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=r.learning_rate, weight_decay=r.weight_decay)
 
@@ -131,7 +131,7 @@ def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Pa
             "rewards": [{"kind": "model", "path": str(reward_dir), "name": "learned"}],
             "train": {"output_dir": str(out_dir), "seed": cfg.seed + iteration, "batch_size": rl.batch_size,
                       "max_steps": rl.steps, "log_every": 1, "keep_checkpoints": 1,
-                      "progress_bar": cfg.progress_bar},
+                      "progress_bar": cfg.progress_bar, "gradient_checkpointing": cfg.gradient_checkpointing},
             "update_epochs": rl.update_epochs, "num_minibatches": rl.num_minibatches}
     return build_dataclass(OnlineConfig, tree, f"{out_dir} (irl rl step)")
 

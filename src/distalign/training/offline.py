@@ -126,9 +126,9 @@ class OfflineTrainer:
     def _load_model(self):
         m = self.cfg.model
         lora = to_dict(m.lora) if m.lora is not None else None
-        if self.cfg.method == "reward":
-            return load_reward_model(m.name_or_path, **m.load_options(), lora=lora)
-        return load_policy(m.name_or_path, **m.load_options(), lora=lora)
+        load = load_reward_model if self.cfg.method == "reward" else load_policy
+        return load(m.name_or_path, **m.load_options(), lora=lora,
+                    gradient_checkpointing=self.cfg.train.gradient_checkpointing)
 
     def _load_reference(self) -> ReferenceModel:
         """The LoRA policy with its adapter disabled (no copy), else a frozen copy of the initial weights."""

@@ -106,7 +106,8 @@ class OnlineTrainer:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.records = load_records(cfg.data, cfg.data.train, "prompts", self.tokenizer, self.log)
         lora = to_dict(m.lora) if m.lora is not None else None
-        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device)
+        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,
+                                  gradient_checkpointing=cfg.train.gradient_checkpointing)
         needs_reference = self.objective.needs_reference(self.hparams)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.value_head = self._value_head() if self.objective.needs_value_head else None

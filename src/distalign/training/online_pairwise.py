@@ -71,7 +71,8 @@ class PolicySession:
         self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.pad = self.tokenizer.pad_token_id
         lora = to_dict(m.lora) if m.lora is not None else None
-        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device)
+        self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,
+                                  gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.optimizer = self.acc.prepare(build_optimizer(self.policy, cfg.optim))  # fp16 loss scaling
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
