@@ -9,6 +9,7 @@ multi-process path needs mpirun), so the test launches with torchrun; `accelerat
 --num_processes 2` on a machine without GPUs forms the same gloo group (distalign passes cpu=True)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,3 +115,54 @@ def test_check_launch_reads_the_launcher_command_line(monkeypatch):
     check_launch(["accelerate", "launch", "--num_processes", "1", "-m", "distalign"])
     monkeypatch.setenv("WORLD_SIZE", "2")   # a real multi-process launch
     check_launch(["accelerate", "launch", "--num_processes", "2", "--multi_gpu"])
+
+
+def fsdp_launch(out: Path, *overrides: str, world_dir: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (2 processes; on CPU over gloo)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--main_process_port", str(free_port()),
+               "-m", "distalign", "train", "dpo", *offline_overrides(world_dir, "dpo", out, *overrides)[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.alpha=8", "train.gradient_checkpointing=true"]],
+                         ids=["full", "lora"])
+def test_fsdp_matches_one_process_and_resumes(world_dir, tmp_path, extra):
+    """FSDP2 over 2 processes = one process on the same global batch (weights, optimizer state and losses
+    within fp32 reduction-order noise); its checkpoints have the one-process layout and names; a run stopped
+    after the step-2 checkpoint and resumed ends bitwise where the uninterrupted FSDP run ends."""
+    common = ["train.max_steps=4", "train.save_every=2", "optim.max_grad_norm=1.0", *extra]
+    single = subprocess.run([sys.executable, "-m", "distalign", "train", "dpo", *offline_overrides(
+        world_dir, "dpo", tmp_path / "one", "train.batch_size=8", *common)[1:]],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = fsdp_launch(tmp_path / "fsdp", "train.batch_size=4", *common, world_dir=world_dir)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in sharded.stdout
+    weights = "adapter_model.safetensors" if extra else "model.safetensors"
+    for name in ("checkpoint-4/model.safetensors", "checkpoint-4/optimizer.safetensors", f"final/{weights}"):
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "fsdp" / name))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    logs = [[json.loads(line)["train/loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "fsdp")]
+    assert len(logs[1]) == 4 and max(abs(x - y) for x, y in zip(*logs)) < 1e-6, logs
+
+    stopped = tmp_path / "stopped"  # what a run killed after writing checkpoint-2 leaves behind
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", stopped / "checkpoint-2")
+    shutil.copy(tmp_path / "fsdp" / "config.yaml", stopped / "config.yaml")
+    resumed = fsdp_launch(stopped, "train.batch_size=4", "train.resume=true", *common, world_dir=world_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    for name in ("checkpoint-4/model.safetensors", "checkpoint-4/optimizer.safetensors", f"final/{weights}"):
+        a, b = load_file(str(tmp_path / "fsdp" / name)), load_file(str(stopped / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fsdp_is_refused_where_the_loop_cannot_shard(monkeypatch):
+    from distalign.training.common import make_accelerator
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="grpo: FSDP is supported by the offline trainer only"):
+        make_accelerator("no", what="grpo")

@@ -291,19 +291,23 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = False) -> Path:
+def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = False,
+               state_dict: dict | None = None) -> Path:
     """Write `model` (safetensors) and `tokenizer` to `out_dir`.
 
     A PEFT model is saved as its adapter (small; `load_policy` puts it back on the recorded base, and
     the base stays available as the reference). `merge=True` writes a merged full model instead,
-    from a copy so the live model keeps its adapter.
+    from a copy so the live model keeps its adapter. `state_dict` replaces the model's own (the full
+    tensors of an FSDP-sharded model, gathered by every process beforehand).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap_model(model)
     if is_peft_model(model) and merge:
+        if state_dict is not None:
+            raise ValueError("save_model: merge=True cannot merge a sharded model's gathered state")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -6,7 +6,9 @@ Layout of `output_dir/checkpoint-{step}/`:
   state.json                  the non-tensor rest: param groups, scheduler counters, trainer state, Python RNG
   rng.safetensors             torch CPU/CUDA RNG states
 A checkpoint is written into a temporary sibling folder and renamed into place, so a crash never
-leaves a half-written checkpoint that `latest_checkpoint` would pick up.
+leaves a half-written checkpoint that `latest_checkpoint` would pick up. An FSDP-sharded model's
+checkpoint has the same layout and names: the full state is gathered to save and sharded back on load
+(`training.sharded`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .sharded import full_model_state, full_optimizer_state, is_sharded, load_full_state
 
 PREFIX = "checkpoint-"
 
@@ -110,17 +114,24 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    trainer_state: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint-{step} atomically (temp folder + rename) and prune all but the newest `keep`."""
+                    trainer_state: dict | None = None, keep: int = 2, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint-{step} atomically (temp folder + rename) and prune all but the newest `keep`.
+
+    `model_state` / `optimizer_state` replace the model's and optimizer's own state dicts (the full state
+    of a sharded model, gathered by `save_checkpoint_on_main`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step}-", dir=output_dir))
     try:
-        save_file(trainable_state_dict(model), str(tmp / "model.safetensors"))
+        save_file(model_state if model_state is not None else trainable_state_dict(model),
+                  str(tmp / "model.safetensors"))
         opt_tensors: dict = {}
+        if optimizer is not None and optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
         plain = {
-            "optimizer": _split_tensors(optimizer.state_dict(), "optimizer", opt_tensors) if optimizer else None,
+            "optimizer": _split_tensors(optimizer_state, "optimizer", opt_tensors) if optimizer else None,
             "scheduler": _split_tensors(scheduler.state_dict(), "scheduler", opt_tensors) if scheduler else None,
             "trainer_state": _split_tensors(trainer_state or {}, "trainer", opt_tensors),
             "step": step,
@@ -143,13 +154,26 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, o
 def save_checkpoint_on_main(accelerator, output_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None,
                             scheduler=None, trainer_state: dict | None = None, keep: int = 2) -> Path | None:
     """`save_checkpoint` by the main process of a run while every process waits before and after (so none
-    reads or prunes a checkpoint another is still writing). Returns the path on the main process."""
+    reads or prunes a checkpoint another is still writing). Returns the path on the main process.
+    A sharded model's full state is gathered first, by every process."""
     accelerator.wait_for_everyone()
+    gathered = gathered_state(model, optimizer)
     path = None
     if accelerator.is_main_process:
-        path = save_checkpoint(output_dir, step, model, optimizer, scheduler, trainer_state, keep)
+        path = save_checkpoint(output_dir, step, model, optimizer, scheduler, trainer_state, keep, **gathered)
     accelerator.wait_for_everyone()
     return path
+
+
+def gathered_state(model: torch.nn.Module, optimizer=None) -> dict:
+    """Collective. For an FSDP-sharded model, its full `model_state` (and `optimizer_state`) for
+    `save_checkpoint` (on the main process; empty on the others); nothing for an unsharded model."""
+    if not is_sharded(model):
+        return {}
+    state = {"model_state": full_model_state(model)}
+    if optimizer is not None:
+        state["optimizer_state"] = full_optimizer_state(model, optimizer)
+    return state
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -172,11 +196,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, sc
                     restore_rng: bool = True) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the trainer state saved with them."""
     path = Path(path)
-    _load_trainable(model, load_file(str(path / "model.safetensors")))
+    weights = load_file(str(path / "model.safetensors"))
     plain = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer_state = None
     if optimizer is not None and plain["optimizer"] is not None:
-        optimizer.load_state_dict(_int_keys(_join_tensors(plain["optimizer"], tensors)))
+        optimizer_state = _int_keys(_join_tensors(plain["optimizer"], tensors))
+    if is_sharded(model):  # collective: every process loads the full state and keeps its shard
+        load_full_state(model, optimizer, weights, optimizer_state)
+    else:
+        _load_trainable(model, weights)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
     if scheduler is not None and plain["scheduler"] is not None:
         scheduler.load_state_dict(_join_tensors(plain["scheduler"], tensors))
     if restore_rng:

@@ -30,15 +30,49 @@ def record_length(record) -> int:
     return sum(len(getattr(record, f)) for f in fields if hasattr(record, f))
 
 
-def make_accelerator(mixed_precision: str, retain_memory: bool = True):
+def fsdp_requested() -> bool:
+    """Whether the launch asked for FSDP: `accelerate launch --config_file` with `distributed_type: FSDP`
+    (or `--use_fsdp`) sets ACCELERATE_USE_FSDP=true for every process it starts."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_accelerator(mixed_precision: str, retain_memory: bool = True, fsdp: bool = False, what: str = "this method"):
     """One Accelerator per run. Without a GPU, cpu=True makes a torchrun/accelerate multi-process launch
     form a gloo process group (MULTI_CPU) instead of silently running each process alone. A CPU run
-    also keeps its freed memory (`retain_freed_memory`) unless `retain_memory` is off."""
+    also keeps its freed memory (`retain_freed_memory`) unless `retain_memory` is off.
+
+    An FSDP launch is refused unless the caller shards its model through `accelerator.prepare` and saves
+    through `training.sharded` (`fsdp=True`: the offline trainer); FSDP must be version 2 (`fully_shard`),
+    whose modules and checkpoints `training.sharded` handles. accelerate applies FSDP only to GPU-like
+    process groups; on CPU distalign turns accelerate's FSDP2 path on itself (`_fsdp_on_cpu`)."""
     from accelerate import Accelerator
+    if fsdp_requested() and not fsdp:
+        raise RuntimeError(f"{what}: FSDP is supported by the offline trainer only (sft, reward and the pairwise "
+                           "objectives); launch it without an FSDP accelerate config")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    if fsdp_requested():
+        if accelerator.device.type == "cpu":
+            _fsdp_on_cpu(accelerator, mixed_precision)
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise RuntimeError("FSDP: set fsdp_version: 2 in the accelerate config (distalign shards with FSDP2, "
+                               "e.g. configs/accelerate/fsdp.yaml)")
     if retain_memory and accelerator.device.type == "cpu":
         retain_freed_memory()
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+    """Make accelerate's FSDP2 path (`accelerator.prepare` -> `fully_shard`, FSDP-aware gradient clipping and
+    state dicts) run on a CPU process group. accelerate enables FSDP only for GPU-like distributed types;
+    torch's FSDP2 itself shards over gloo on CPU, so the state accelerate would have set is set here."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    if accelerator.num_processes < 2:
+        raise RuntimeError("FSDP on CPU needs at least 2 processes (accelerate launch --num_processes N, N >= 2)")
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exported
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold every glibc accepts on 64-bit.

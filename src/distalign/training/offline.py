@@ -21,6 +21,7 @@ from distalign.config import OfflineConfig, to_dict
 from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
 
 from .checkpoint import begin_run, save_checkpoint_on_main
+from .sharded import gather_model_state, is_sharded
 from .common import (
     MetricsLogger,
     build_optimizer,
@@ -91,7 +92,8 @@ def _reduce_metrics(sums: dict, count: int, accelerator: Accelerator) -> dict:
 class OfflineTrainer:
     def __init__(self, cfg: OfflineConfig, accelerator: Accelerator | None = None, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory,
+                                                   fsdp=True)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                         trust_remote_code=cfg.model.trust_remote_code)
@@ -110,6 +112,8 @@ class OfflineTrainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if is_sharded(self.model) and self.acc.is_main_process:
+            log(f"FSDP2: parameters, gradients and optimizer state sharded over {self.acc.num_processes} processes")
         self.ref_cache = self.eval_ref_cache = None
         if self.reference is not None and cfg.precompute_reference:
             self.precompute_reference()
@@ -170,6 +174,7 @@ class OfflineTrainer:
         norm = float("nan")
         if self.cfg.optim.max_grad_norm > 0:
             norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
             check_finite(torch.as_tensor(norm), step + 1, "gradient norm")
         self.optimizer.step()
         self.scheduler.step()
@@ -234,8 +239,10 @@ class OfflineTrainer:
             logger_final.log(self.total_steps, final_eval)
             logger_final.close()
         self.save(self.total_steps, self.total_steps // self.batches.steps_per_epoch)
+        model = self.acc.unwrap_model(self.model)
+        full = gather_model_state(model) if is_sharded(model) else None  # collective
         if self.acc.is_main_process:
-            save_model(self.acc.unwrap_model(self.model), self.tokenizer, out / "final")
+            save_model(model, self.tokenizer, out / "final", state_dict=full)
         return {"output_dir": str(out), "final_model": str(out / "final"), "steps": self.total_steps,
                 "history": history, "eval": final_eval}
 

@@ -90,7 +90,8 @@ def prompt_text(record, tokenizer) -> str:
 class OnlineTrainer:
     def __init__(self, cfg: OnlineConfig, accelerator=None, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory,
+                                                   what=cfg.method)
         self.device = self.acc.device
         set_seed(cfg.train.seed)
         self.objective = get_online_objective(cfg.method)

@@ -63,7 +63,7 @@ class PolicySession:
 
     def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
         self.cfg, self.log = cfg, log
-        self.acc = make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory)
+        self.acc = make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory, what=cfg.method)
         self.device = self.acc.device
         self.sum_processes = process_sum(self.acc)  # means over pairs span all processes
         set_seed(cfg.train.seed)
