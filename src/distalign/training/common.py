@@ -46,6 +46,11 @@ def make_accelerator(mixed_precision: str, retain_memory: bool = True, fsdp: boo
     whose modules and checkpoints `training.sharded` handles. accelerate applies FSDP only to GPU-like
     process groups; on CPU distalign turns accelerate's FSDP2 path on itself (`_fsdp_on_cpu`)."""
     from accelerate import Accelerator
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # The DeepSpeed engine would own backward, the step, clipping and loss scaling over accumulation,
+        # and checkpoints in its own pickled format: none of which distalign's loops or checkpoints do.
+        raise RuntimeError(f"{what}: DeepSpeed launches are not supported; shard with FSDP2 instead "
+                           "(accelerate launch --config_file configs/accelerate/fsdp.yaml)")
     if fsdp_requested() and not fsdp:
         raise RuntimeError(f"{what}: FSDP is supported by the offline trainer only (sft, reward and the pairwise "
                            "objectives); launch it without an FSDP accelerate config")

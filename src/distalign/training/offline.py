@@ -93,7 +93,7 @@ class OfflineTrainer:
     def __init__(self, cfg: OfflineConfig, accelerator: Accelerator | None = None, log=print):
         self.cfg, self.log = cfg, log
         self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory,
-                                                   fsdp=True)
+                                                   fsdp=True, what=cfg.method)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                         trust_remote_code=cfg.model.trust_remote_code)
