@@ -130,7 +130,8 @@ def fsdp_launch(out: Path, *overrides: str, world_dir: Path) -> subprocess.Compl
 def test_fsdp_matches_one_process_and_resumes(world_dir, tmp_path, extra):
     """FSDP2 over 2 processes = one process on the same global batch (weights, optimizer state and losses
     within fp32 reduction-order noise); its checkpoints have the one-process layout and names; a run stopped
-    after the step-2 checkpoint and resumed ends bitwise where the uninterrupted FSDP run ends."""
+    after the step-2 checkpoint and resumed ends bitwise where the uninterrupted FSDP run ends, and a
+    one-process run resumes from the FSDP checkpoint."""
     common = ["train.max_steps=4", "train.save_every=2", "optim.max_grad_norm=1.0", *extra]
     single = subprocess.run([sys.executable, "-m", "distalign", "train", "dpo", *offline_overrides(
         world_dir, "dpo", tmp_path / "one", "train.batch_size=8", *common)[1:]],
@@ -159,6 +160,18 @@ def test_fsdp_matches_one_process_and_resumes(world_dir, tmp_path, extra):
     for name in ("checkpoint-4/model.safetensors", "checkpoint-4/optimizer.safetensors", f"final/{weights}"):
         a, b = load_file(str(tmp_path / "fsdp" / name)), load_file(str(stopped / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    crossed = tmp_path / "crossed"  # one process resumes the FSDP run's checkpoint: the same format
+    crossed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", crossed / "checkpoint-2")
+    shutil.copy(tmp_path / "fsdp" / "config.yaml", crossed / "config.yaml")
+    one = subprocess.run([sys.executable, "-m", "distalign", "train", "dpo", *offline_overrides(
+        world_dir, "dpo", crossed, "train.batch_size=8", "train.resume=true", *common)[1:]],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0 and "resumed from" in one.stdout, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one" / f"final/{weights}")), load_file(str(crossed / f"final/{weights}"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_fsdp_and_deepspeed_are_refused_where_unsupported(monkeypatch):

@@ -76,9 +76,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from distalign.models.tiny import make_tiny, make_tiny_reward_model
+    import torch
+
+    from distalign.models.tiny import make_shaped, make_tiny, make_tiny_reward_model
+    dtype_name = args.dtype or ("bfloat16" if args.shape else "float32")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    if args.shape:
+        if args.reward:
+            raise SystemExit("distalign: error: --shape builds a causal LM; it cannot be combined with --reward")
+        print(f"wrote {make_shaped(args.out, args.shape, dtype=dtype, seed=args.seed)}")
+        return 0
     kwargs = dict(arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers,
                   num_heads=args.num_heads, vocab_size=args.vocab_size, seed=args.seed)
+    if dtype != torch.float32:
+        if args.reward:
+            raise SystemExit("distalign: error: --dtype applies to causal LMs; reward models are built in float32")
+        kwargs["dtype"] = dtype
     path = (make_tiny_reward_model if args.reward else make_tiny)(args.out, **kwargs)
     print(f"wrote {path}")
     return 0
@@ -192,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", action="store_true", help="a 1-label sequence-classification reward model")
+    p.add_argument("--shape", choices=("qwen2.5-1.5b",),
+                   help="a real model's shapes with random weights instead of the size options (qwen2.5-1.5b: "
+                        "1.54 B parameters, ~3 GB in bfloat16), for memory measurements")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weight dtype of the saved model (default float32; bfloat16 with --shape)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("testbed", formatter_class=raw,

@@ -39,6 +39,13 @@ from transformers import (
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 ARCHITECTURES = ("llama", "qwen2", "gpt_neox")
 BYTE_ALPHABET_SIZE = 256
+# Real models' shapes with random weights, for memory and speed measurements of models that cannot be
+# downloaded here. qwen2.5-1.5b: Qwen2.5-1.5B's config (1.54 B parameters, tied embeddings, q/k/v bias).
+SHAPES = {
+    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                         intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6),
+}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -100,12 +107,16 @@ def train_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None) 
 
 def tiny_config(arch: str, tokenizer, *, hidden_size: int, num_layers: int, num_heads: int,
                 intermediate_size: int | None, vocab_size: int,
-                max_position_embeddings: int) -> PretrainedConfig:
-    """A real config of `arch` sized for tests; special-token ids taken from `tokenizer`."""
+                max_position_embeddings: int, num_kv_heads: int | None = None) -> PretrainedConfig:
+    """A real config of `arch` sized for tests; special-token ids taken from `tokenizer`. `num_kv_heads`
+    (Llama / Qwen2: grouped-query attention) defaults to `num_heads`."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch: unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size: {hidden_size} is not divisible by num_heads={num_heads}")
+    kv_heads = num_kv_heads or num_heads
+    if num_heads % kv_heads or (arch == "gpt_neox" and kv_heads != num_heads):
+        raise ValueError(f"num_kv_heads: {kv_heads} must divide num_heads={num_heads} (and equal it for gpt_neox)")
     if len(tokenizer) > vocab_size:
         raise ValueError(f"vocab_size: {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -120,7 +131,7 @@ def tiny_config(arch: str, tokenizer, *, hidden_size: int, num_layers: int, num_
     # tied embeddings because at this size the embedding dominates the parameter count.
     gated_width = intermediate_size or -(-(8 * hidden_size // 3) // 16) * 16
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                  num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=gated_width,
+                  num_attention_heads=num_heads, num_key_value_heads=kv_heads, intermediate_size=gated_width,
                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, **ids)
     return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
 
@@ -132,19 +143,21 @@ def _tokenizer_for(vocab_size: int, corpus, tokenizer_dir) -> PreTrainedTokenize
 
 
 def _build(auto_class, out_dir, arch, hidden_size, num_layers, num_heads, intermediate_size, vocab_size,
-           max_position_embeddings, seed, corpus, tokenizer_dir, **config_extra) -> Path:
+           max_position_embeddings, seed, corpus, tokenizer_dir, num_kv_heads=None, tokenizer_vocab=None,
+           dtype=torch.float32, **config_extra) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer_for(vocab_size, corpus, tokenizer_dir)
+    tokenizer = _tokenizer_for(tokenizer_vocab or vocab_size, corpus, tokenizer_dir)
     config = tiny_config(arch, tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                          intermediate_size=intermediate_size, vocab_size=vocab_size,
-                         max_position_embeddings=max_position_embeddings)
+                         max_position_embeddings=max_position_embeddings, num_kv_heads=num_kv_heads)
     for key, value in config_extra.items():
         setattr(config, key, value)
     # Seed the global generator only for the init, then restore it: callers' RNG streams stay untouched.
+    # Built directly in `dtype`: a 1.5 B model is 3 GB in bf16 instead of 6 GB in fp32 then a copy.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto_class.from_config(config)
+        model = auto_class.from_config(config, dtype=dtype)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
@@ -152,14 +165,27 @@ def _build(auto_class, out_dir, arch, hidden_size, num_layers, num_heads, interm
 
 def make_tiny(out_dir, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
               intermediate_size: int | None = None, vocab_size: int = 512, max_position_embeddings: int = 512,
-              seed: int = 0, corpus: Iterable[str] | None = None, tokenizer_dir=None) -> Path:
+              seed: int = 0, corpus: Iterable[str] | None = None, tokenizer_dir=None, num_kv_heads: int | None = None,
+              tokenizer_vocab: int | None = None, dtype: torch.dtype = torch.float32, **config_extra) -> Path:
     """Write a randomly initialised causal LM of `arch` plus its tokenizer to `out_dir`; return the path.
 
     `tokenizer_dir` reuses a saved tokenizer (so several models share one vocabulary) instead of
-    training a new one on `corpus` (default: `default_corpus()`). Same arguments -> same weights.
+    training a new one of `tokenizer_vocab` tokens (default `vocab_size`) on `corpus` (default:
+    `default_corpus()`); the model's vocabulary may be larger than the tokenizer's. `config_extra` sets
+    further config fields (e.g. rope_theta). Same arguments -> same weights.
     """
     return _build(AutoModelForCausalLM, out_dir, arch, hidden_size, num_layers, num_heads, intermediate_size,
-                  vocab_size, max_position_embeddings, seed, corpus, tokenizer_dir)
+                  vocab_size, max_position_embeddings, seed, corpus, tokenizer_dir, num_kv_heads, tokenizer_vocab,
+                  dtype, **config_extra)
+
+
+def make_shaped(out_dir, shape: str, *, dtype: torch.dtype = torch.bfloat16, tokenizer_vocab: int = 512,
+                seed: int = 0) -> Path:
+    """A causal LM with the shapes of a real model (`SHAPES`) and random weights, saved in `dtype`, with a
+    locally trained tokenizer of `tokenizer_vocab` tokens (the embedding keeps the real vocabulary size)."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape: unknown {shape!r}; valid: {', '.join(SHAPES)}")
+    return make_tiny(out_dir, **SHAPES[shape], seed=seed, tokenizer_vocab=tokenizer_vocab, dtype=dtype)
 
 
 def make_tiny_reward_model(out_dir, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
