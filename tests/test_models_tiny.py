@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from distalign.models import load_tokenizer, make_tiny, make_tiny_reward_model, train_tokenizer
-from distalign.models.tiny import SPECIAL_TOKENS, default_corpus
+from distalign.models.tiny import SHAPES, SPECIAL_TOKENS, default_corpus, tiny_config
 
 ARCHS = ("llama", "qwen2", "gpt_neox")
 EXPECTED_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
@@ -107,3 +107,23 @@ def test_custom_corpus_and_default_corpus_is_deterministic():
     tok = train_tokenizer(300, corpus=["aaa bbb aaa bbb"] * 20)
     assert len(tok) <= 300 and tok.decode(tok("aaa bbb").input_ids) == "aaa bbb"
     assert "Ġbbb" in tok.get_vocab()  # merges learnt from the given corpus, not the default one
+
+
+def test_qwen2_5_1_5b_shape_has_its_parameter_count_and_grouped_kv_heads():
+    """The synthetic 1.5 B model of the memory recipe: Qwen2.5-1.5B's config, built on the meta device."""
+    shape = dict(SHAPES["qwen2.5-1.5b"])
+    arch, extra = shape.pop("arch"), {k: shape.pop(k) for k in ("rope_parameters", "rms_norm_eps")}
+    config = tiny_config(arch, train_tokenizer(300), **shape)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_543_714_304  # Qwen2.5-1.5B: 1.54 B, tied embeddings
+    attention = model.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (1536, 256)  # 12 heads, 2 KV heads
+
+
+def test_num_kv_heads_must_divide_num_heads():
+    with pytest.raises(ValueError, match="num_kv_heads: 3 must divide num_heads=4"):
+        tiny_config("llama", train_tokenizer(300), hidden_size=32, num_layers=1, num_heads=4,
+                    intermediate_size=None, vocab_size=300, max_position_embeddings=64, num_kv_heads=3)
