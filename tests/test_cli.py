@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import offline_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +55,27 @@ def test_every_example_config_validates():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         if path.stem == "eval":  # an evaluation config (distalign eval), checked by its own test
             continue
-        if path.stem in ("sft", "reward", *PAIRWISE_OBJECTIVES):
+        stem = path.stem  # a method's name, or METHOD_VARIANT (e.g. dpo_1p5b_lora) for a variant of its config
+        declared = yaml.safe_load(path.read_text()).get("method", "")
+        if declared and stem.startswith(f"{declared}_") and stem not in (*PAIRWISE_OBJECTIVES, *ONLINE_METHODS,
+                                                                         *ONLINE_PAIRWISE_METHODS, *IRL_METHODS):
+            stem = declared
+        if stem in ("sft", "reward", *PAIRWISE_OBJECTIVES):
             cfg = load_config(OfflineConfig, path)
-        elif path.stem in ONLINE_METHODS:
+        elif stem in ONLINE_METHODS:
             cfg = load_config(OnlineConfig, path)
-        elif path.stem == "nash_md":
+        elif stem == "nash_md":
             cfg = load_config(NashConfig, path)
-        elif path.stem == "mixed_feedback":
+        elif stem == "mixed_feedback":
             from distalign.config.testbed import MixedFeedbackConfig
             cfg = load_config(MixedFeedbackConfig, path)
-        elif path.stem in ONLINE_PAIRWISE_METHODS:
+        elif stem in ONLINE_PAIRWISE_METHODS:
             cfg = load_config(OnlinePairwiseConfig, path)
-        elif path.stem in IRL_METHODS:
+        elif stem in IRL_METHODS:
             cfg = load_config(IRLConfig, path)
         else:
             raise AssertionError(f"{path.name}: no method family")
-        assert cfg.method == path.stem
+        assert cfg.method == stem
         for data in (getattr(getattr(cfg, "data", None), "train", ""), getattr(cfg, "pairs", ""),
                      getattr(cfg, "demonstrations", "")):
             assert not data or (ROOT / data).is_file(), f"{path.name}: {data} is not in the repository"

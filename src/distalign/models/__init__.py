@@ -31,8 +31,8 @@ from .scoring import reward_scores, score_sequences
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
-    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences", "enable_gradient_checkpointing",
-    "evaluating",
+    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences",
+    "enable_gradient_checkpointing", "evaluating",
     "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model",
     "merged_state_dict", "pair_logps",

@@ -307,7 +307,8 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = Fals
         if state_dict is not None:
             raise ValueError("save_model: merge=True cannot merge a sharded model's gathered state")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(str(out), safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(str(out), safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
