@@ -175,10 +175,10 @@ def test_fsdp_matches_one_process_and_resumes(world_dir, tmp_path, extra):
 
 
 def test_fsdp_and_deepspeed_are_refused_where_unsupported(monkeypatch):
-    from distalign.training.common import make_accelerator
+    from distalign.training.common import LaunchError, make_accelerator
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match="grpo: FSDP is supported by the offline trainer only"):
+    with pytest.raises(LaunchError, match="grpo: FSDP is supported by the offline trainer only"):
         make_accelerator("no", what="grpo")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate would ignore it on CPU, silently
-    with pytest.raises(RuntimeError, match="dpo: DeepSpeed launches are not supported; shard with FSDP2"):
+    with pytest.raises(LaunchError, match="dpo: DeepSpeed launches are not supported; shard with FSDP2"):
         make_accelerator("no", fsdp=True, what="dpo")

@@ -49,17 +49,17 @@ def make_accelerator(mixed_precision: str, retain_memory: bool = True, fsdp: boo
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # The DeepSpeed engine would own backward, the step, clipping and loss scaling over accumulation,
         # and checkpoints in its own pickled format: none of which distalign's loops or checkpoints do.
-        raise RuntimeError(f"{what}: DeepSpeed launches are not supported; shard with FSDP2 instead "
+        raise LaunchError(f"{what}: DeepSpeed launches are not supported; shard with FSDP2 instead "
                            "(accelerate launch --config_file configs/accelerate/fsdp.yaml)")
     if fsdp_requested() and not fsdp:
-        raise RuntimeError(f"{what}: FSDP is supported by the offline trainer only (sft, reward and the pairwise "
+        raise LaunchError(f"{what}: FSDP is supported by the offline trainer only (sft, reward and the pairwise "
                            "objectives); launch it without an FSDP accelerate config")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     if fsdp_requested():
         if accelerator.device.type == "cpu":
             _fsdp_on_cpu(accelerator, mixed_precision)
         if accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise RuntimeError("FSDP: set fsdp_version: 2 in the accelerate config (distalign shards with FSDP2, "
+            raise LaunchError("FSDP: set fsdp_version: 2 in the accelerate config (distalign shards with FSDP2, "
                                "e.g. configs/accelerate/fsdp.yaml)")
     if retain_memory and accelerator.device.type == "cpu":
         retain_freed_memory()
@@ -72,7 +72,7 @@ def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
     torch's FSDP2 itself shards over gloo on CPU, so the state accelerate would have set is set here."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     if accelerator.num_processes < 2:
-        raise RuntimeError("FSDP on CPU needs at least 2 processes (accelerate launch --num_processes N, N >= 2)")
+        raise LaunchError("FSDP on CPU needs at least 2 processes (accelerate launch --num_processes N, N >= 2)")
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exported
     if mixed_precision != "no":
         plugin.set_mixed_precision(mixed_precision)
