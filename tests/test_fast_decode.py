@@ -163,3 +163,28 @@ def test_a_finished_decoder_frees_its_cache_without_the_garbage_collector(paths)
         assert cache() is None and fused() is None
     finally:
         gc.enable()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["bf16 weights", "autocast, bf16 linears"])
+def test_decoder_runs_in_bf16_like_the_models_forward(paths, precision):
+    """Sampling runs in the training's precision (issue 15 §3): bf16 weights (`model.dtype=bfloat16`),
+    or autocast over an fp32 model whose linears are bf16 (`bf16_linear_weights`, mixed_precision=bf16).
+    The decoder's logits are bf16 and within bf16 rounding of the model's own forward in the same precision."""
+    from distalign.training.common import bf16_linear_weights
+    model = load_policy(paths["llama"]).eval()
+    if precision == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    else:
+        bf16_linear_weights(model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    positions = torch.tensor([7, 7, 2, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "bf16 weights"):
+        fast = LlamaDecoder.build(model, *prefill(model, prompts, 4), extra=4)
+        slow = _ModelStep(model, *prefill(model, prompts, 4), extra=4)
+        assert fast is not None
+        for step in range(4):
+            tokens = torch.tensor([20 + step, 30, 40, 50 + step])
+            ours, theirs = fast(tokens, positions + step), slow(tokens, positions + step)
+            assert ours.dtype == torch.bfloat16
+            assert torch.allclose(ours.float(), theirs.float(), atol=0.05, rtol=0.02), (step, (ours - theirs).abs().max())

@@ -8,7 +8,9 @@ Only where shapes repeat: oneDNN builds (JIT-compiles) and caches one primitive 
 3 ms and 1 MB each here. A decode loop calls the same few shapes hundreds of times (rows x hidden, fixed
 for a rollout); a training step sees a new token count almost every batch, where the compile cost eats
 the gain and the cache grows without bound, so training keeps `F.linear`. No autograd: callers run
-under no_grad. Anything not fp32 on CPU, or a torch without oneDNN, runs `F.linear` unchanged.
+under no_grad. Anything not fp32 on CPU, or a torch without oneDNN, runs `F.linear` unchanged: that
+includes bf16 (bf16 weights, or an fp32 input under CPU autocast), where torch's own CPU matmul is
+oneDNN's already (AMX where the CPU has it), so a bf16 decode step gains nothing from a direct call.
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ from .checkpoint import begin_run, save_checkpoint_on_main
 from .sharded import gather_model_state, is_sharded
 from .common import (
     MetricsLogger,
+    bf16_linear_weights,
+    bf16_training_weights,
     build_optimizer,
     build_scheduler,
     check_finite,
@@ -103,13 +105,16 @@ class OfflineTrainer:
         self.eval_records = (load_records(cfg.data, cfg.data.eval, self.task.data_kind, self.tokenizer, log)
                              if cfg.data.eval else [])
         self.model = self._load_model()
+        masters = bf16_training_weights(self.model, cfg.train.mixed_precision, self.acc)
         self.reference = self._load_reference() if self.task.needs_reference else None
+        if masters is not None and self.reference is not None and self.reference.frozen is not None:
+            bf16_linear_weights(self.reference.frozen)  # the same weights as the policy's at step 0
         t = cfg.train
         lengths = torch.tensor([record_length(r) for r in self.train_records]) if cfg.group_by_length else None
         self.batches = Batches(len(self.train_records), t.batch_size, t.gradient_accumulation_steps,
                                self.acc.num_processes, self.acc.process_index, t.seed, lengths)
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.batches.steps_per_epoch))
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, masters)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if is_sharded(self.model) and self.acc.is_main_process:

@@ -41,6 +41,8 @@ from distalign.rewards import build_reward
 from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
     MetricsLogger,
+    bf16_linear_weights,
+    bf16_training_weights,
     build_optimizer,
     build_reference,
     build_scheduler,
@@ -109,8 +111,11 @@ class OnlineTrainer:
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,
                                   gradient_checkpointing=cfg.train.gradient_checkpointing)
+        masters = bf16_training_weights(self.policy, cfg.train.mixed_precision, self.acc)
         needs_reference = self.objective.needs_reference(self.hparams)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
+        if masters is not None and self.reference is not None and self.reference.frozen is not None:
+            bf16_linear_weights(self.reference.frozen)  # the same weights as the policy's at step 0
         self.value_head = self._value_head() if self.objective.needs_value_head else None
         # What trains (and what DDP wraps): policy + value head as one module whose forward scores a batch.
         trained = PolicyWithValueHead(self.policy, self.value_head)
@@ -123,12 +128,17 @@ class OnlineTrainer:
             raise ValueError(f"{cfg.data.train}: {len(self.records)} prompts are fewer than one global batch of "
                              f"{self.global_batch} (train.batch_size x processes)")
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.steps_per_epoch))
-        self.optimizer = build_optimizer(trained, cfg.optim)
+        self.optimizer = build_optimizer(trained, cfg.optim, masters)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          self.total_steps * cfg.update_epochs * cfg.num_minibatches)
         self.trained, self.optimizer = self.acc.prepare(trained, self.optimizer)
         self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
+        # The sampler's log-probs equal the update forward's (so they can be the old policy's) in full fp32
+        # only: in bf16 its decode loop and bf16 head round differently from the training forward's fp32
+        # head, and the old log-probs come from a no-grad forward of the training precision instead.
+        self.sampler_logps_exact = (cfg.train.mixed_precision == "no"
+                                    and all(p.dtype == torch.float32 for p in self.policy.parameters()))
 
     def forward(self, model, batch: SampledBatch, value_head=None, with_entropy: bool = False) -> ResponseForward:
         return grouped_response_forward(model, batch, self.forward_group, self.cfg.generation.temperature,
@@ -169,10 +179,11 @@ class OnlineTrainer:
         rows = [r.prompt_ids for r in records for _ in range(self.group_size)]
         uniforms = process_uniforms(self.cfg.train.seed, step, SAMPLING, len(rows),
                                     self.cfg.generation.max_new_tokens, self.acc)
-        batch = self.sampler.sample(self.policy, rows, uniforms)
+        with self.acc.autocast():  # the training's precision policy, and its speed
+            batch = self.sampler.sample(self.policy, rows, uniforms)
         generation_time = time.perf_counter() - start
         scores = self.score(records, batch)
-        if self.value_head is None and batch.token_logps is not None:
+        if self.value_head is None and batch.token_logps is not None and self.sampler_logps_exact:
             old = ResponseForward(batch.token_logps, None, batch.entropy)
         else:
             with self.acc.autocast():

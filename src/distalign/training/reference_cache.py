@@ -22,8 +22,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTALIGN_CACHE", Path.home() / ".cache" / "distalign")) / "reference_logps"
 
 
-def cache_key(reference_name: str, records, share_prompt: bool) -> str:
-    digest = hashlib.sha256(f"{reference_name}|{share_prompt}".encode())
+def cache_key(reference_name: str, records, share_prompt: bool, precision: str = "float32|no") -> str:
+    """`precision`: the reference's weight dtype and autocast, which change its log-probs."""
+    digest = hashlib.sha256(f"{reference_name}|{share_prompt}|{precision}".encode())
     for r in records:
         for ids in (r.prompt_ids, r.chosen_ids, r.rejected_ids):
             digest.update(len(ids).to_bytes(4, "little"))
@@ -36,7 +37,8 @@ def precompute_reference_logps(trainer, records) -> tuple[torch.Tensor, torch.Te
     """(chosen, rejected) reference log-probs of every record, shape (N,), from cache or computed now."""
     cfg = trainer.cfg
     name = str(cfg.reference or cfg.model.name_or_path)
-    path = cache_dir() / f"{cache_key(name, records, cfg.share_prompt)}.safetensors"
+    precision = f"{cfg.model.dtype}|{cfg.train.mixed_precision}"
+    path = cache_dir() / f"{cache_key(name, records, cfg.share_prompt, precision)}.safetensors"
     if path.is_file():
         cached = load_file(str(path))
         trainer.log(f"reference log-probs: loaded from {path}")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.models import shared_prompt_attention, supports_shared_prompt, token_logps_from_logits
+from distalign.models import shared_prompt_attention, supports_shared_prompt
+from distalign.models.logprobs import position_logps, scatter_positions
 
 
 @dataclass
@@ -81,31 +82,33 @@ def response_forward(model, batch: SampledBatch, temperature: float = 1.0, value
                      with_entropy: bool = False) -> ResponseForward:
     """One forward of [prompt | response]: per-token log-probs of the response (and values, entropy).
 
-    The LM head runs only on the last T + 1 positions (`logits_to_keep`); position P - 1 + t predicts
-    response token t, so the last position's logits are unused and get label -100.
+    Only the response tokens' predictors reach the LM head (`position_logps`): position P - 1 + t
+    predicts response token t.
     """
     P, T = batch.prompt_length, batch.response_mask.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=T + 1, use_cache=False, output_hidden_states=value_head is not None)
-    ignore = torch.full_like(batch.input_ids[:, :1], -100)
-    labels = torch.cat([batch.response_ids.masked_fill(batch.response_mask == 0, -100), ignore], dim=1)
-    token_logps = token_logps_from_logits(out.logits, labels, temperature)[:, :-1] * batch.response_mask
-    values = entropy = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, P - 1:P + T - 1]) * batch.response_mask
-    if with_entropy:
-        entropy = _entropy(out.logits[:, :-1], temperature, batch.response_mask)
+    where = batch.response_mask.nonzero()                             # (N, 2): row, response index
+    predictors = torch.stack([where[:, 0], P - 1 + where[:, 1]], 1)
+    return _scored(model, batch, predictors, where, temperature, value_head, with_entropy,
+                   lambda hidden: hidden[:, P - 1:P + T - 1], input_ids=batch.input_ids,
+                   attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+
+
+def _scored(model, batch: SampledBatch, predictors: Tensor, where: Tensor, temperature: float, value_head,
+            with_entropy: bool, value_states, **inputs) -> ResponseForward:
+    """`ResponseForward` of the response tokens at `where` (N, 2), predicted at `predictors` (N, 2) of the
+    forward's rows; `value_states(hidden)` gives the (B, T, H) states the value head reads."""
+    out = position_logps(model, predictors, batch.response_ids[where[:, 0], where[:, 1]], temperature,
+                         with_entropy=with_entropy, with_hidden=value_head is not None, **inputs)
+    shape = tuple(batch.response_mask.shape)
+    token_logps = scatter_positions(out.logps, where, shape)
+    values = value_head(value_states(out.hidden)) * batch.response_mask if value_head is not None else None
+    entropy = scatter_positions(out.entropy.detach(), where, shape) if with_entropy else None
     return ResponseForward(token_logps, values, entropy)
 
 
 def entropy_of(log_probs: Tensor) -> Tensor:
     """H = -sum_v p_v log p_v over the last dim of normalised log-probs."""
     return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def _entropy(logits: Tensor, temperature: float, mask: Tensor) -> Tensor:
-    with torch.no_grad():
-        return entropy_of((logits.float() / temperature).log_softmax(-1)) * mask
 
 
 def grouped_response_forward(model, batch: SampledBatch, group_size: int, temperature: float = 1.0,
@@ -131,21 +134,15 @@ def grouped_response_forward(model, batch: SampledBatch, group_size: int, temper
                              torch.where(response_mask > 0, completion, -1)], dim=1)
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     response_positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T, device=device).repeat(k)
-    out = model(input_ids=torch.cat([prompts, batch.response_ids.reshape(G, k * T)], dim=1),
-                attention_mask=shared_prompt_attention(model, segment_ids),
-                position_ids=torch.cat([prompt_positions, response_positions], dim=1),
-                logits_to_keep=k * T + 1, use_cache=False, output_hidden_states=value_head is not None)
-    # Logit i covers position P - 1 + i. Token t of c_j is predicted at c_j's token t - 1, except t = 0,
-    # which the prompt's last position predicts for every completion.
-    before = torch.arange(k * T, device=device)
-    before[::T] = 0
-    logits = out.logits[:, before].reshape(B, T, -1)
-    labels = batch.response_ids.masked_fill(batch.response_mask == 0, -100)
-    token_logps = token_logps_from_logits(logits, labels, temperature) * batch.response_mask
-    values = entropy = None
-    if value_head is not None:
-        hidden = out.hidden_states[-1][:, P - 1 + before]
-        values = value_head(hidden.reshape(B, T, -1)) * batch.response_mask
-    if with_entropy:
-        entropy = _entropy(logits, temperature, batch.response_mask)
-    return ResponseForward(token_logps, values, entropy)
+    # Column P + j T + t holds token t of c_j, predicted at column P + j T + t - 1, except t = 0, which the
+    # prompt's last column predicts for every completion.
+    before = P + torch.arange(k * T, device=device) - 1
+    before[::T] = P - 1
+    where = batch.response_mask.nonzero()                             # (N, 2): sample row, response index
+    group, j = where[:, 0] // k, where[:, 0] % k
+    predictors = torch.stack([group, before[j * T + where[:, 1]]], 1)
+    return _scored(model, batch, predictors, where, temperature, value_head, with_entropy,
+                   lambda hidden: hidden[:, before].reshape(B, T, -1),
+                   input_ids=torch.cat([prompts, batch.response_ids.reshape(G, k * T)], dim=1),
+                   attention_mask=shared_prompt_attention(model, segment_ids),
+                   position_ids=torch.cat([prompt_positions, response_positions], dim=1))
