@@ -12,8 +12,7 @@ from distalign.models.logprobs import _HeadLabelLogProb, position_logps
 from distalign.training.common import MasterWeightAdamW, bf16_linear_weights, build_optimizer, write_rounded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from smollm2 import gguf_path, qa_pairs, smollm2_folder  # noqa: E402
-
+from smollm2 import gguf_path, qa_pairs, smollm2_folder
 
 # ---- the fused fp32 head ------------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ class LoraSettings:
 class ModelConfig:
     name_or_path: str = _f("", "local folder or Hugging Face Hub id of an AutoModelForCausalLM")
     tokenizer: Optional[str] = _f(None, "tokenizer path/id; defaults to name_or_path")
-    dtype: str = _f("float32", "weight dtype", choices=("float32", "bfloat16", "float16", "auto"))
+    dtype: str = _f("float32", "weight dtype; bf16 / fp16 weights train through fp32 master copies",
+                    choices=("float32", "bfloat16", "float16", "auto"))
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint (off by default)")
     lora: Optional[LoraSettings] = _f(None, "train a LoRA adapter; the reference is the base with it disabled")
 
@@ -96,7 +97,9 @@ class RunConfig:
     eval_every: int = _f(0, "optimizer steps between evaluations; 0 = only at the end", range=NON_NEGATIVE)
     save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end", range=NON_NEGATIVE)
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep; 0 keeps every one", range=NON_NEGATIVE)
-    mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = _f("no", "autocast dtype; bf16 on fp32 weights: linears in bf16 made from fp32 "
+                                    "masters each step, head and log-probs fp32, sampling in bf16",
+                              choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer in the backward instead of keeping its "
                                              "activations: far less activation memory, ~1 more forward per step")
     retain_freed_memory: bool = _f(True, "CPU runs: keep freed memory in the process (glibc) so steps "

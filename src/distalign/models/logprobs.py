@@ -226,7 +226,7 @@ def position_logps(model, positions: Tensor, labels: Tensor, temperature: float 
     """
     if temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    B, T = inputs["input_ids"].shape
+    T = inputs["input_ids"].shape[1]
     head = _fp32_head(model)
     if head is not None:
         hidden = _final_hidden(model, inputs)
