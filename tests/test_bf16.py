@@ -211,3 +211,28 @@ def test_first_dpo_step_margin_in_bf16_agrees_with_fp32_on_smollm2(smollm2, tmp_
     fp32 = first_step_margin(smollm2, data, tmp_path / "fp32")
     bf16 = first_step_margin(smollm2, data, tmp_path / "bf16", "train.mixed_precision=bf16")
     assert fp32 > 0.05 and abs(bf16 / fp32 - 1) < 0.2, (fp32, bf16)
+
+
+def test_mixed_precision_dpo_run_trains_bf16_linears_and_saves_fp32_masters(world_dir, tmp_path):
+    """train.mixed_precision=bf16 end to end: the policy's linears train in bf16 from fp32 masters, the
+    frozen reference starts from the same bf16 weights, and final/ holds the fp32 masters."""
+    from accelerate.state import AcceleratorState
+    from conftest import offline_overrides
+    from safetensors.torch import load_file
+
+    from distalign.config import OfflineConfig, load_config
+    from distalign.training.offline import OfflineTrainer
+    cfg = load_config(OfflineConfig, None, offline_overrides(world_dir, "dpo", tmp_path / "out", "train.max_steps=2",
+                                                             "train.mixed_precision=bf16"))
+    AcceleratorState._reset_state(True)
+    try:
+        trainer = OfflineTrainer(cfg, log=lambda *a: None)
+        down = trainer.model.model.layers[0].mlp.down_proj.weight
+        assert down.dtype == torch.bfloat16
+        assert torch.equal(trainer.reference.frozen.model.layers[0].mlp.down_proj.weight, down)
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+    masters = dict(zip(trainer.optimizer.optimizer.model_params, trainer.optimizer.optimizer.masters))
+    saved = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    assert down.dtype == torch.bfloat16 and saved.dtype == torch.float32 and torch.equal(saved, masters[down])

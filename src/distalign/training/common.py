@@ -1,6 +1,7 @@
 """Pieces every training loop shares: seeding, optimiser and schedule, the finite-loss guard, logging."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -299,6 +300,23 @@ def bf16_training_weights(model: torch.nn.Module, mixed_precision: str, accelera
     return bf16_linear_weights(model)
 
 
+@contextlib.contextmanager
+def fp32_weights(optimizer):
+    """Inside: the linears that `bf16_linear_weights` turned bf16 hold their fp32 masters (to save the
+    final model as the fp32 model it was loaded as); bf16 again after. Other optimizers: no change."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    pairs = [(p, m) for p, m in zip(getattr(optimizer, "model_params", []), getattr(optimizer, "masters", []))
+             if id(p) in optimizer.converted]
+    kept = [p.data for p, _ in pairs]
+    for p, m in pairs:
+        p.data = m.detach()
+    try:
+        yield
+    finally:
+        for (p, _), data in zip(pairs, kept):
+            p.data = data
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW on fp32 master copies of low-precision (bf16 / fp16) parameters.
 
@@ -315,6 +333,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         are their own masters (no copy)."""
         masters = masters or {}
         self.model_params = [p for g in groups for p in g["params"]]
+        self.converted = {id(p) for p in self.model_params if p in masters}  # fp32 models turned bf16 for training
 
         def master(p):
             if p.dtype == torch.float32:

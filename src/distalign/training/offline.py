@@ -29,6 +29,7 @@ from .common import (
     build_optimizer,
     build_scheduler,
     check_finite,
+    fp32_weights,
     load_records,
     make_accelerator,
     record_length,
@@ -36,7 +37,6 @@ from .common import (
 )
 from .reference_cache import precompute_reference_logps
 from .tasks import build_task
-
 
 LENGTH_GROUP = 50  # global batches sorted together by `group_by_length`
 
@@ -247,7 +247,8 @@ class OfflineTrainer:
         model = self.acc.unwrap_model(self.model)
         full = gather_model_state(model) if is_sharded(model) else None  # collective
         if self.acc.is_main_process:
-            save_model(model, self.tokenizer, out / "final", state_dict=full)
+            with fp32_weights(self.optimizer):  # a mixed_precision=bf16 run saves its fp32 masters
+                save_model(model, self.tokenizer, out / "final", state_dict=full)
         return {"output_dir": str(out), "final_model": str(out / "final"), "steps": self.total_steps,
                 "history": history, "eval": final_eval}
 

@@ -47,6 +47,7 @@ from .common import (
     build_reference,
     build_scheduler,
     check_finite,
+    fp32_weights,
     load_records,
     make_accelerator,
     mean_over_processes,
@@ -299,7 +300,8 @@ class OnlineTrainer:
         self.save(self.total_steps)
         final = out / "final"
         if main:
-            save_model(self.policy, self.tokenizer, final)
+            with fp32_weights(self.optimizer):  # a mixed_precision=bf16 run saves its fp32 masters
+                save_model(self.policy, self.tokenizer, final)
             if self.value_head is not None:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
