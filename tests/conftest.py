@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,13 @@ def offline_overrides(world_dir: Path, method: str, out: Path, *extra: str) -> l
     return [f"method={method}", f"model.name_or_path={world_dir / 'tiny'}", f"data.train={world_dir / 'data' / data}",
             f"train.output_dir={out}", "train.batch_size=4", "train.log_every=1", "train.progress_bar=false",
             "optim.learning_rate=1e-3", "optim.warmup_steps=0", *extra]
+
+
+@pytest.fixture
+def float64_default():
+    """float64 for one test (the setting is process-wide, so restore it); modules use it with
+    `pytestmark = pytest.mark.usefixtures("float64_default")`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -9,13 +9,7 @@ from distalign import objectives as O
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """float64 inside this module only (the setting is process-wide, so restore it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def log1pexp(x):
@@ -51,8 +45,10 @@ def test_dpo_zero_margin_is_log2():
 
 def test_ipo_hinge_match_formula(pair):
     h = margin(pair)
-    torch.testing.assert_close(O.ipo_loss(pair["pc"], pair["pr"], pair["rc"], pair["rr"], beta=0.5),
-                               (h - 1.0) ** 2, atol=1e-6, rtol=0)
+    args = (pair["pc"], pair["pr"], pair["rc"], pair["rr"], pair["lc"], pair["lr"])
+    per_token = (pair["pc"] - pair["rc"]) / pair["lc"] - (pair["pr"] - pair["rr"]) / pair["lr"]
+    torch.testing.assert_close(O.ipo_loss(*args, beta=0.5), (per_token - 1.0) ** 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(O.ipo_loss(*args, beta=0.5, per_token=False), (h - 1.0) ** 2, atol=1e-6, rtol=0)
     expected = torch.tensor([max(0.0, 1 - 0.2 * v) for v in h.tolist()])
     torch.testing.assert_close(O.hinge_loss(pair["pc"], pair["pr"], pair["rc"], pair["rr"], beta=0.2),
                                expected, atol=1e-6, rtol=0)
@@ -88,7 +84,11 @@ def test_simpo_rpo_pmle_match_formula(pair):
                                neg_logsig(2.0 * d - 0.5), atol=1e-6, rtol=0)
     rpo = neg_logsig(0.1 * margin(pair)) - 0.7 * pair["pc"] / pair["lc"]
     torch.testing.assert_close(O.rpo_loss(pair["pc"], pair["pr"], pair["rc"], pair["rr"], pair["lc"],
-                                          beta=0.1, alpha=0.7), rpo, atol=1e-6, rtol=0)
+                                          beta=0.1, alpha=0.7, nll="example"), rpo, atol=1e-6, rtol=0)
+    batch_nll = -pair["pc"].sum() / pair["lc"].sum()
+    got = O.rpo_loss(pair["pc"], pair["pr"], pair["rc"], pair["rr"], pair["lc"], beta=0.1, alpha=0.7)
+    torch.testing.assert_close(got.mean(), neg_logsig(0.1 * margin(pair)).mean() + 0.7 * batch_nll,
+                               atol=1e-6, rtol=0)
     torch.testing.assert_close(O.pmle_loss(pair["pc"], pair["pr"], gamma=1.5),
                                neg_logsig(1.5 * (pair["pc"] - pair["pr"])), atol=1e-6, rtol=0)
 
@@ -101,8 +101,8 @@ def test_cpo_variants_match_formula(pair):
     args = (pair["pc"], pair["pr"], pair["rc"], pair["rr"], pair["lc"], pair["lr"])
     torch.testing.assert_close(O.cpo_loss(*args, beta=b, alpha=a, tau=tau, margin=g),
                                neg_logsig(b * dp - b * dr - (b / a) * soft), atol=1e-6, rtol=0)
-    rbar = lambda s, n: (s / n).abs()
-    simple = neg_logsig(b * dp - g * (1 / rbar(pair["rc"], pair["lc"]) + 1 / rbar(pair["rr"], pair["lr"])))
+    bounded = lambda s, n: 1 / (1 + (s / n).abs())
+    simple = neg_logsig(b * dp - g * (bounded(pair["rc"], pair["lc"]) + bounded(pair["rr"], pair["lr"])))
     torch.testing.assert_close(O.cpo_loss(*args, beta=b, margin=g, variant="simple"), simple, atol=1e-6, rtol=0)
     clip = neg_logsig(b * (dp - dr.clamp(min=0)))
     torch.testing.assert_close(O.cpo_loss(*args, beta=b, variant="clip"), clip, atol=1e-6, rtol=0)
@@ -150,7 +150,7 @@ def test_extreme_log_ratios_are_finite(scale):
     losses = [O.dpo_loss(s, z, z, z, beta=1.0), O.pmle_loss(s, z), O.simpo_loss(s, z, n, n),
               O.cpo_loss(s, z, z, -s.detach(), n, n), O.distill_loss(s, z, z + scale, z),
               O.robust_dpo_loss(s, z, z, z, variant="robust"), O.rpo_loss(s, z, z, z, n),
-              O.reward_bt_loss(s, z), O.ipo_loss(s, z, z, z), O.hinge_loss(s, z, z, z)]
+              O.reward_bt_loss(s, z), O.ipo_loss(s, z, z, z, n, n), O.hinge_loss(s, z, z, z)]
     for loss in losses:
         assert torch.isfinite(loss).all()
         (grad,) = torch.autograd.grad(loss.sum(), s)

@@ -178,3 +178,19 @@ def test_cpu_runs_retain_freed_memory_unless_configured_off(monkeypatch):
     assert calls == []
     common.make_accelerator("no")
     assert calls == [1]
+
+
+def test_every_pairwise_method_logs_cpo_diagnostics_and_trls_rewards(world_dir, tmp_path, monkeypatch):
+    """Step 1 scores the initial policy, which is the reference: rewards/* and the margin are exactly 0,
+    no pair is in U (d_pi = d_ref) and rewards/accuracies is 0 (ties are not wins). Reference-free pmle
+    logs them when its reference log-probs are precomputed, and only then."""
+    monkeypatch.setenv("DISTALIGN_CACHE", str(tmp_path / "cache"))
+    keys = ("frac_in_undesirable", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    for method, extra in (("dpo", ()), ("pmle", ("precompute_reference=true",))):
+        first = train_offline(load_config(OfflineConfig, None, offline_overrides(
+            world_dir, method, tmp_path / method, "train.max_steps=1", *extra)), log=lambda *a: None)["history"][0]
+        for key in keys:
+            assert first[f"train/{key}"] == pytest.approx(0.0, abs=1e-5), (method, key)
+    plain = train_offline(load_config(OfflineConfig, None, offline_overrides(
+        world_dir, "pmle", tmp_path / "plain", "train.max_steps=1")), log=lambda *a: None)["history"][0]
+    assert not any(f"train/{key}" in plain for key in keys)

@@ -25,6 +25,18 @@ def kl_estimate(policy_logps: Tensor, ref_logps: Tensor, kind: str = "k1") -> Te
     raise ValueError(f"kind must be 'k1', 'k2' or 'k3', got {kind!r}")
 
 
+def sequence_kl_estimate(token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor, kind: str = "k3") -> Tensor:
+    """Per-response estimate of KL(pi(.|x) || pi0(.|x)) from y ~ pi: sum over response tokens of the
+    per-token `kl_estimate` of `kind`. (B, T) tensors, mask 1 on response tokens; returns (B,).
+
+    k3 (the default, what the trainers log as `kl`): each token's exp(-l_t) - 1 + l_t is >= 0 with
+    conditional mean KL(pi(.|x,y<t) || pi0(.|x,y<t)), so by the chain rule the sum is an unbiased,
+    never-negative estimate of the sequence KL. k1 sums l_t = log pi - log pi0: the same mean, but a
+    single response's value (and a small batch's mean) can be negative; the trainers log it as `kl_k1`.
+    """
+    return (kl_estimate(token_logps, ref_token_logps, kind) * mask).sum(-1)
+
+
 def leave_one_out_baseline(values: Tensor, group_size: int) -> Tensor:
     """b_i = mean of the other k-1 values in i's group of k consecutive samples (RLOO). (B,) -> (B,)."""
     if group_size < 2:

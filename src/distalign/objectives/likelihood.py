@@ -17,15 +17,23 @@ def sft_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
 
 
 def reward_bt_loss(reward_chosen: Tensor, reward_rejected: Tensor, margin: Tensor | float = 0.0,
-                   l2: float = 0.0) -> Tensor:
-    """Bradley-Terry reward loss (seed 001 Eq. 9): -log sigma(R(x,y+) - R(x,y-) - m) + l2 (R+^2 + R-^2).
+                   l2: float = 0.0, center_rewards_coefficient: float = 0.0) -> Tensor:
+    """Bradley-Terry reward loss (seed 001 Eq. 9) with two optional penalties:
 
-    `margin` m (scalar or (B,)) demands a gap, as in Llama-2's margin loss; `l2` keeps rewards
-    centred, since BT is invariant to a per-prompt shift. Shapes (B,); returns (B,).
+        -log sigma(R+ - R- - m) + l2 (R+^2 + R-^2) + c (R+ + R-)^2
+
+    `margin` m (scalar or (B,)) demands a gap, as in Llama-2's margin loss. `l2` is plain weight on the
+    rewards' size: since R+^2 + R-^2 = ((R+ + R-)^2 + (R+ - R-)^2) / 2 it pulls the pair's centre to 0
+    *and* shrinks the margin R+ - R- that BT is fitting (a bias toward P(y+ > y-) = 1/2).
+    `center_rewards_coefficient` c is TRL's `RewardConfig.center_rewards_coefficient` (Eisenstein et al.
+    2023): it penalises only the centre, fixing BT's free per-prompt shift without touching the margin.
+    Shapes (B,); returns (B,); its batch mean is TRL's loss for the same c.
     """
     loss = -F.logsigmoid(reward_chosen - reward_rejected - margin)
     if l2:
         loss = loss + l2 * (reward_chosen.square() + reward_rejected.square())
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (reward_chosen + reward_rejected).square()
     return loss
 
 

@@ -32,6 +32,13 @@ def rebel_loss(policy_a_logps: Tensor, policy_b_logps: Tensor, old_a_logps: Tens
 
     pi_t is the policy that generated a and b (its log-probs stored at rollout). Rewards are labels:
     no gradient flows into them. Shapes (B,); returns (B,).
+
+    Where eta sits: seed 001 Eq. 10 (used here) scales the reward gap by eta; the REBEL paper (Gao et al.
+    2024, Eq. 2) writes ((1/eta) [log-ratio gap] - (R(a) - R(b)))^2 instead. The two are the same loss up
+    to a constant factor, REBEL's = this / eta^2, so they have the same minimiser and eta means the same
+    (the log-ratio gap is fitted to eta times the reward gap); gradients differ by 1/eta^2, which plain SGD
+    feels as a learning-rate change and AdamW hardly at all (its steps are invariant to a loss scale up to
+    `adam_eps` and gradient clipping). At eta = 1 (REBEL's and seed 001's setting) they are identical.
     """
     log_ratio_gap = (policy_a_logps - old_a_logps.detach()) - (policy_b_logps - old_b_logps.detach())
     return (log_ratio_gap - eta * (reward_a - reward_b).detach()).square()

@@ -28,13 +28,28 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return -F.logsigmoid(beta * h)
 
 
+def length_normalised_delta(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor,
+                            rejected_lengths: Tensor) -> Tensor:
+    """d = s+/|y+| - s-/|y-|: the chosen-minus-rejected gap of mean per-token log-probs (SimPO, CPO, IPO's
+    default). With reference log-probs in place of the policy's it is CPO's d_ref. Shapes (B,)."""
+    return chosen_logps / chosen_lengths - rejected_logps / rejected_lengths
+
+
 def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float = 0.1) -> Tensor:
+             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, chosen_lengths: Tensor,
+             rejected_lengths: Tensor, beta: float = 0.1, per_token: bool = True) -> Tensor:
     """IPO (Azar et al. 2023, Eq. 17; tutorial seed 002): (h - 1/(2 beta))^2, beta playing IPO's tau.
 
+    per_token (default): h = (s+ - r+)/|y+| - (s- - r-)/|y-|, the per-token averaged log-ratios of the
+    IPO paper's experiments and of TRL's `loss_type="ipo"`, so the target 1/(2 beta) does not scale with
+    response length; per_token=False: the summed margin h = (s+ - r+) - (s- - r-).
     A squared loss toward a finite margin, so it does not push h to infinity on deterministic labels.
     """
-    h = dpo_log_ratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if per_token:
+        h = length_normalised_delta(policy_chosen_logps - ref_chosen_logps,
+                                    policy_rejected_logps - ref_rejected_logps, chosen_lengths, rejected_lengths)
+    else:
+        h = dpo_log_ratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (h - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -69,19 +84,28 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                chosen_lengths: Tensor, rejected_lengths: Tensor, beta: float = 2.0,
                margin: float = 0.5) -> Tensor:
     """SimPO (Meng et al. 2024, Eq. 6): -log sigma(beta * (s+/|y+| - s-/|y-|) - margin). No reference."""
-    delta = policy_chosen_logps / chosen_lengths - policy_rejected_logps / rejected_lengths
+    delta = length_normalised_delta(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
     return -F.logsigmoid(beta * delta - margin)
 
 
 def rpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, chosen_lengths: Tensor,
-             beta: float = 0.1, alpha: float = 1.0) -> Tensor:
+             beta: float = 0.1, alpha: float = 1.0, nll: str = "batch") -> Tensor:
     """RPO (Liu et al. 2024; tutorial seed 002 §V-B): DPO + alpha * NLL of the chosen response.
 
-    The NLL is per token, -s+/|y+|, so alpha does not scale with response length.
+    The NLL is per token, so alpha does not scale with response length:
+    - nll="batch" (default; TRL's `loss_type=["sigmoid", "sft"]`): one token mean over the batch,
+      -sum_i s+_i / sum_i |y+_i|, returned per example as -s+_i / mean_j |y+_j| so that the batch mean of
+      the (B,) losses is exactly that token mean (long chosen responses weigh more);
+    - nll="example": the mean of per-example token means, -s+_i / |y+_i|.
+    "The batch" is the micro-batch the caller reduces (per process, per accumulation step), as in TRL.
     """
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    return dpo - alpha * policy_chosen_logps / chosen_lengths
+    if nll == "batch":
+        return dpo - alpha * policy_chosen_logps / chosen_lengths.mean()
+    if nll == "example":
+        return dpo - alpha * policy_chosen_logps / chosen_lengths
+    raise ValueError(f"nll must be 'batch' or 'example', got {nll!r}")
 
 
 def pmle_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, gamma: float = 1.0) -> Tensor:
@@ -97,8 +121,9 @@ def pmle_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, gamma:
 def frac_in_undesirable(delta_policy: Tensor, delta_ref: Tensor) -> Tensor:
     """Share of pairs in CPO's undesirable space U = {delta_pi < 0 and delta_pi > delta_ref} (seed 003).
 
-    delta = log-prob of chosen minus rejected. Inside U the DPO loss is below log 2 (the policy
-    gained on the reference) while the policy still prefers the rejected response. Returns a scalar.
+    delta = log-prob of chosen minus rejected; the trainers pass the length-normalised deltas of CPO's
+    constraint (`length_normalised_delta`). Inside U the policy gained on the reference (DPO's loss is
+    below log 2 when lengths are equal) while it still prefers the rejected response. Returns a scalar.
     """
     inside = (delta_policy < 0) & (delta_policy > delta_ref)
     return inside.to(delta_policy.dtype).mean()

@@ -124,12 +124,16 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     return advantages, (advantages + values) * mask
 
 
-def kl_penalized_token_rewards(scores: Tensor, token_logps: Tensor, ref_token_logps: Tensor, mask: Tensor,
+def kl_penalized_token_rewards(scores: Tensor, token_logps: Tensor, ref_token_logps: Tensor | None, mask: Tensor,
                                kl_coef: float) -> Tensor:
     """RLHF per-token reward (Ziegler et al. 2019; Ouyang et al. 2022 Eq. 2):
     r_t = -kl_coef (log pi(y_t) - log pi0(y_t)), plus the sequence score R(x, y) on the last
-    response token. scores (B,); token tensors (B, T); returns (B, T)."""
-    token_rewards = -kl_coef * (token_logps - ref_token_logps) * mask
+    response token. scores (B,); token tensors (B, T); returns (B, T). No reference or kl_coef = 0: the
+    score alone (the trainers load no reference then)."""
+    if ref_token_logps is None or kl_coef == 0:
+        token_rewards = torch.zeros_like(token_logps) * mask
+    else:
+        token_rewards = -kl_coef * (token_logps - ref_token_logps) * mask
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     return token_rewards.scatter_add(1, last[:, None], scores[:, None].to(token_rewards.dtype))
 

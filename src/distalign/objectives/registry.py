@@ -46,11 +46,18 @@ def _policy_only(p: PairLogps) -> dict:
 
 @dataclass(frozen=True)
 class PairwiseObjective:
-    """A pairwise loss, the tensors it takes from `PairLogps`, and whether it needs a reference model."""
+    """A pairwise loss, the tensors it takes from `PairLogps`, and whether it needs a reference model.
+
+    `summary` is the one line `--list-fields` and errors show. `unused_with` maps a (hyperparameter, value)
+    setting to the hyperparameters the loss ignores under it (e.g. cpo's `tau` with variant "clip"), so
+    setting those is refused instead of silently doing nothing.
+    """
     loss: Callable[..., Tensor]
     tensors: Callable[[PairLogps], dict]
     needs_reference: bool
     valid: Mapping[str, str | tuple] = field(default_factory=dict)   # hyperparameter -> range or choices
+    summary: str = ""
+    unused_with: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check_valid(self.loss, self.valid)
@@ -63,7 +70,15 @@ class PairwiseObjective:
         valid = self.hyperparameters()
         unknown = sorted(set(hparams) - set(valid))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown} for {self.loss.__name__}; valid: {sorted(valid)}")
+            note = f" ({self.summary})" if self.summary else ""
+            raise ValueError(f"{where}: unknown key(s) {unknown} for {self.loss.__name__}; valid: {sorted(valid)}"
+                             f"{note}")
+        settings = {**valid, **hparams}
+        for (name, value), ignored in self.unused_with.items():
+            given = sorted(set(ignored) & set(hparams))
+            if settings[name] == value and given:
+                raise ValueError(f"{where}: {given} have no effect with {name}={value!r} in "
+                                 f"{self.loss.__name__}; remove them or change {name}")
 
     def __call__(self, pair_logps: PairLogps, **hparams) -> Tensor:
         return self.loss(**self.tensors(pair_logps), **hparams)
@@ -81,22 +96,40 @@ def _check_valid(fn: Callable, valid: Mapping) -> None:
         raise TypeError(f"{fn.__name__}: `valid` names {unknown}, which are not hyperparameters of it")
 
 
+def _ref_and_lengths(p: PairLogps) -> dict:
+    return dict(_with_ref(p), **_with_lengths(p))
+
+
 BETA = {"beta": "(0, inf)"}
 PAIRWISE_OBJECTIVES: dict[str, PairwiseObjective] = {
-    "dpo": PairwiseObjective(dpo_loss, _with_ref, needs_reference=True, valid=BETA),
-    "ipo": PairwiseObjective(ipo_loss, _with_ref, needs_reference=True, valid=BETA),
-    "hinge": PairwiseObjective(hinge_loss, _with_ref, needs_reference=True, valid=BETA),
+    "dpo": PairwiseObjective(dpo_loss, _with_ref, needs_reference=True, valid=BETA,
+                             summary="DPO (Rafailov et al. 2023)"),
+    "ipo": PairwiseObjective(ipo_loss, _ref_and_lengths, needs_reference=True, valid=BETA,
+                             summary="IPO (Azar et al. 2023); per-token averaged log-ratios by default, as TRL"),
+    "hinge": PairwiseObjective(hinge_loss, _with_ref, needs_reference=True, valid=BETA,
+                               summary="SLiC-style hinge on the DPO margin"),
     "robust_dpo": PairwiseObjective(robust_dpo_loss, _with_ref, needs_reference=True,
                                     valid={**BETA, "epsilon": "[0, 0.5)",
-                                           "variant": ("conservative", "robust")}),
+                                           "variant": ("conservative", "robust")},
+                                    summary="cDPO / rDPO under label noise epsilon"),
     "rpo": PairwiseObjective(rpo_loss, lambda p: dict(_with_ref(p), chosen_lengths=p.chosen_lengths),
-                             needs_reference=True, valid={**BETA, "alpha": "[0, inf)"}),
-    "cpo": PairwiseObjective(cpo_loss, lambda p: dict(_with_ref(p), **_with_lengths(p)), needs_reference=True,
+                             needs_reference=True,
+                             valid={**BETA, "alpha": "[0, inf)", "nll": ("batch", "example")},
+                             summary="RPO: DPO + alpha * NLL of the chosen response (TRL's batch token mean "
+                                     "by default)"),
+    "cpo": PairwiseObjective(cpo_loss, _ref_and_lengths, needs_reference=True,
                              valid={**BETA, "alpha": "(0, inf)", "tau": "(0, inf)", "margin": "[0, inf)",
-                                    "variant": ("full", "simple", "clip")}),
+                                    "variant": ("full", "simple", "clip")},
+                             summary="Constrained Preference Optimization (seed 003), not TRL's CPOTrainer, "
+                                     "which is Contrastive Preference Optimization (Xu et al. 2024)",
+                             unused_with={("variant", "simple"): ("alpha", "tau"),
+                                          ("variant", "clip"): ("alpha", "tau", "margin")}),
     "simpo": PairwiseObjective(simpo_loss, lambda p: dict(_policy_only(p), **_with_lengths(p)),
-                               needs_reference=False, valid={**BETA, "margin": "[0, inf)"}),
-    "pmle": PairwiseObjective(pmle_loss, _policy_only, needs_reference=False, valid={"gamma": "(0, inf)"}),
+                               needs_reference=False, valid={**BETA, "margin": "[0, inf)"},
+                               summary="SimPO (Meng et al. 2024), reference-free"),
+    "pmle": PairwiseObjective(pmle_loss, _policy_only, needs_reference=False, valid={"gamma": "(0, inf)"},
+                              summary="preference MLE (seed 001 Eq. 5), reference-free; beta*KL on samples: "
+                                      "pmle_online"),
 }
 
 
@@ -112,7 +145,8 @@ class SupervisedObjective:
 
 SUPERVISED_OBJECTIVES: dict[str, SupervisedObjective] = {
     "sft": SupervisedObjective(sft_loss),
-    "reward": SupervisedObjective(reward_bt_loss, valid={"margin": "[0, inf)", "l2": "[0, inf)"}),
+    "reward": SupervisedObjective(reward_bt_loss, valid={"margin": "[0, inf)", "l2": "[0, inf)",
+                                                         "center_rewards_coefficient": "[0, inf)"}),
 }
 
 

@@ -36,7 +36,7 @@ from .common import (
     set_seed,
 )
 from .reference_cache import precompute_reference_logps
-from .tasks import build_task
+from .tasks import PairwiseTask, build_task
 
 LENGTH_GROUP = 50  # global batches sorted together by `group_by_length`
 
@@ -106,9 +106,14 @@ class OfflineTrainer:
                              if cfg.data.eval else [])
         self.model = self._load_model()
         masters = bf16_training_weights(self.model, cfg.train.mixed_precision, self.acc)
-        self.reference = self._load_reference() if self.task.needs_reference else None
+        # A reference-free objective loads pi0 only for the diagnostics, once, when asked to precompute it.
+        wants_reference = self.task.needs_reference or cfg.precompute_reference
+        self.reference = self._load_reference() if wants_reference else None
         if masters is not None and self.reference is not None and self.reference.frozen is not None:
             bf16_linear_weights(self.reference.frozen)  # the same weights as the policy's at step 0
+        if not wants_reference and isinstance(self.task, PairwiseTask):
+            log(f"{cfg.method}: frac_in_undesirable and rewards/* need reference log-probs; "
+                "precompute_reference=true computes them once")
         t = cfg.train
         lengths = torch.tensor([record_length(r) for r in self.train_records]) if cfg.group_by_length else None
         self.batches = Batches(len(self.train_records), t.batch_size, t.gradient_accumulation_steps,

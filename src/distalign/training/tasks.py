@@ -12,9 +12,11 @@ from distalign.objectives import (
     PairLogps,
     frac_in_undesirable,
     get_pairwise_objective,
+    length_normalised_delta,
     reward_bt_loss,
     sft_loss,
 )
+from distalign.objectives.registry import hyperparameters
 
 
 class SFTTask:
@@ -43,7 +45,7 @@ class RewardTask:
     needs_reference = False
 
     def __init__(self, pad_token_id: int, loss_kwargs: dict):
-        allowed = {"margin", "l2"}
+        allowed = set(hyperparameters(reward_bt_loss))
         unknown = sorted(set(loss_kwargs) - allowed)
         if unknown:
             raise ValueError(f"loss: unknown key(s) {unknown} for reward_bt_loss; valid: {sorted(allowed)}")
@@ -63,7 +65,12 @@ class RewardTask:
 
 
 class PairwiseTask:
-    """Any objective in `objectives.PAIRWISE_OBJECTIVES`; chosen and rejected in one forward."""
+    """Any objective in `objectives.PAIRWISE_OBJECTIVES`; chosen and rejected in one forward.
+
+    Reference log-probs come from the batch when the trainer precomputed them (`precompute_reference`),
+    else from a reference forward if the objective needs one. Reference-free objectives (pmle, simpo)
+    then still get the reference-based diagnostics of `pair_metrics`.
+    """
     data_kind = "pairs"
 
     def __init__(self, method: str, pad_token_id: int, loss_kwargs: dict, share_prompt: bool = True):
@@ -71,6 +78,8 @@ class PairwiseTask:
         self.objective.validate(loss_kwargs)
         self.needs_reference = self.objective.needs_reference
         self.pad_token_id, self.kwargs, self.share_prompt = pad_token_id, loss_kwargs, share_prompt
+        settings = {**self.objective.hyperparameters(), **loss_kwargs}
+        self.reward_scale = settings.get("beta", settings.get("gamma", 1.0))
 
     def collate(self, records) -> dict:
         return collate_pairs(records, self.pad_token_id, share_prompt=self.share_prompt)
@@ -82,27 +91,42 @@ class PairwiseTask:
 
     def loss(self, model, batch, reference: ReferenceModel | None = None) -> tuple[Tensor, dict]:
         ref_chosen = ref_rejected = None
-        if self.needs_reference:
-            if "ref_chosen_logps" in batch:  # precomputed once for the whole dataset
-                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-            else:  # before the policy: its transient memory then never adds to the policy's saved activations
-                ref_chosen, ref_rejected = self.reference_logps(batch, reference)
+        if "ref_chosen_logps" in batch:  # precomputed once for the whole dataset
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif self.needs_reference:  # before the policy: its transient memory never adds to the policy's activations
+            ref_chosen, ref_rejected = self.reference_logps(batch, reference)
         out = pair_logps(model, batch)
         logps = PairLogps(out.chosen_logps, out.rejected_logps, out.chosen_lengths.float(),
                           out.rejected_lengths.float(), ref_chosen, ref_rejected)
         losses = self.objective(logps, **self.kwargs)
-        return losses, pair_metrics(logps)
+        return losses, pair_metrics(logps, self.reward_scale)
 
 
-def pair_metrics(p: PairLogps) -> dict:
-    """Per-example diagnostics logged for every pairwise method (batch means are taken by the loop)."""
+def pair_metrics(p: PairLogps, reward_scale: float = 1.0) -> dict:
+    """Per-example diagnostics logged for every pairwise method (batch means are taken by the loop).
+
+    Always: accuracy (the policy prefers chosen), delta_policy = s+ - s-, logps_chosen / _rejected.
+    With reference log-probs: margin = (s+ - r+) - (s- - r-); frac_in_undesirable, the share of pairs in
+    CPO's U on CPO's own length-normalised deltas; and TRL's DPOTrainer metrics rewards/chosen =
+    beta (s+ - r+), rewards/rejected = beta (s- - r-), rewards/margins (their difference) and
+    rewards/accuracies (chosen's implicit reward is higher), beta = `reward_scale` (the objective's beta;
+    pmle: gamma).
+    """
     delta_policy = (p.policy_chosen - p.policy_rejected).detach()
     metrics = {"accuracy": (delta_policy > 0).float(), "delta_policy": delta_policy,
                "logps_chosen": p.policy_chosen.detach(), "logps_rejected": p.policy_rejected.detach()}
     if p.ref_chosen is not None:
         delta_ref = (p.ref_chosen - p.ref_rejected).detach()
         metrics["margin"] = delta_policy - delta_ref
-        metrics["frac_in_undesirable"] = frac_in_undesirable(delta_policy, delta_ref).expand_as(delta_policy)
+        normalised_policy = length_normalised_delta(p.policy_chosen, p.policy_rejected, p.chosen_lengths,
+                                                    p.rejected_lengths).detach()
+        normalised_ref = length_normalised_delta(p.ref_chosen, p.ref_rejected, p.chosen_lengths,
+                                                 p.rejected_lengths).detach()
+        metrics["frac_in_undesirable"] = frac_in_undesirable(normalised_policy, normalised_ref).expand_as(delta_policy)
+        chosen = reward_scale * (p.policy_chosen - p.ref_chosen).detach()
+        rejected = reward_scale * (p.policy_rejected - p.ref_rejected).detach()
+        metrics.update({"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                        "rewards/accuracies": (chosen > rejected).float()})
     return metrics
 
 
