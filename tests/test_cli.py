@@ -27,7 +27,8 @@ def test_make_tiny_and_train_from_example_config(world_dir, tmp_path):
     assert tiny.returncode == 0, tiny.stderr
     assert (tmp_path / "m" / "config.json").is_file()
     out = run("train", "dpo", "--config", ROOT / "configs" / "dpo.yaml",
-              *offline_overrides(world_dir, "dpo", tmp_path / "run", "train.max_steps=2", "data.eval=null")[1:])
+              *offline_overrides(world_dir, "dpo", tmp_path / "run", "train.max_steps=2", "data.eval=null",
+                                "train.eval_every=0")[1:])
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
@@ -177,3 +178,10 @@ def test_only_the_main_process_prints(monkeypatch, capsys):
     monkeypatch.setenv("DISTALIGN_ALL_PROCESSES_PRINT", "1")
     assert main(["train", "dpo", "--list-fields"]) == 0
     assert "loss.beta" in capsys.readouterr().out
+
+
+def test_list_fields_names_what_cpo_is_and_its_loss_keys():
+    out = run("train", "cpo", "--list-fields")
+    assert out.returncode == 0, out.stderr
+    assert "Constrained Preference Optimization" in out.stdout and "not TRL's CPOTrainer" in out.stdout
+    assert all(f"loss.{key}" in out.stdout for key in ("beta", "alpha", "tau", "margin", "variant"))

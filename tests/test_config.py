@@ -99,8 +99,8 @@ def test_loss_values_take_every_float_spelling(spelling, value):
 
 def test_loss_is_typed_from_the_objective_signature():
     cfg = load_config(OfflineConfig, None, ["method=cpo", "model.name_or_path=m", "data.train=d",
-                                            "loss.variant=clip", "loss.tau=5"])
-    assert cfg.loss["variant"] == "clip" and cfg.loss["tau"] == 5.0 and cfg.loss["beta"] == 0.1
+                                            "loss.variant=simple", "loss.margin=5"])  # clip would refuse tau
+    assert cfg.loss["variant"] == "simple" and cfg.loss["margin"] == 5.0 and cfg.loss["beta"] == 0.1
     with pytest.raises(ConfigError, match=r"field 'loss.variant': must be one of \['full', 'simple', 'clip'\]"):
         load_config(OfflineConfig, None, ["method=cpo", "model.name_or_path=m", "data.train=d", "loss.variant=x"])
     with pytest.raises(ConfigError, match="unknown key 'loss.beta'; valid keys: margin, l2"):

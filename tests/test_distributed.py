@@ -68,7 +68,7 @@ def test_online_two_processes_match_one(world_dir, tmp_path, method, logged, ext
     common = [f"model.name_or_path={world_dir / 'tiny'}", f"data.train={world_dir / 'data' / 'prompts.jsonl'}",
               "rewards=[{kind: callable, path: 'two_proc_rewards:vowel_fraction'}]", "train.max_steps=2",
               "generation.max_new_tokens=6", "generation.temperature=1.0", "generation.num_samples=4",
-              "optim.learning_rate=1e-3", "train.progress_bar=false"]
+              "optim.learning_rate=1e-3", "train.progress_bar=false", "train.log_every=1"]
 
     def train(launcher: list[str], out: str, batch_size: int) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *launcher, "-m", "distalign", "train", method, *common,

@@ -37,9 +37,10 @@ def lm(tmp_path_factory):
 
 def config(lm, method, out, *overrides):
     root, _, _, model_dir = lm
+    pairs = [f"pairs={root / 'pairs.jsonl'}"] if method == "aihf" else []  # irl refuses pairs
     return load_config(IRLConfig, None, [
         f"method={method}", f"model.name_or_path={model_dir}", f"demonstrations={root / 'demos.jsonl'}",
-        f"pairs={root / 'pairs.jsonl'}", f"output_dir={out}", "iterations=2",
+        *pairs, f"output_dir={out}", "iterations=2",
         "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=4",
         "reward.steps=40", "reward.batch_size=32", "reward.learning_rate=3e-3",
         "rl.method=rloo", "rl.steps=30", "rl.batch_size=16", "rl.optim.learning_rate=2e-3",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distalign.config import ConfigError, load_config
-from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.config.online_pairwise import (LOOP_METHODS, NEEDS_DEMOS, NEEDS_PAIRS, NEEDS_SCORES,
+                                              OnlinePairwiseConfig)
 from distalign.models import collate_sequences, load_policy, make_tiny, sequence_logps
 from distalign.objectives import sft_loss
 from distalign.testbed.lm import LMWorld, all_sequences
@@ -74,15 +75,19 @@ def lm(tmp_path_factory):
 
 
 def config(lm, method, out, *overrides, kind="token"):
+    """The method's config with only the fields it reads (the schema refuses the others)."""
     root, _, _, model_dir = lm
     reward = (f"rewards=[{{kind: callable, path: 'oracle_rewards:oracle', "
               f"kwargs: {{world_path: '{root / 'world.json'}', kind: {kind}}}}}]")
-    return load_config(OnlinePairwiseConfig, None, [
-        f"method={method}", f"model.name_or_path={model_dir}", f"data.train={root / 'prompts.jsonl'}",
-        f"pairs={root / 'pairs.jsonl'}", f"demonstrations={root / 'demos.jsonl'}", reward,
-        "optim.learning_rate=3e-3", "optim.schedule=constant", "train.batch_size=16", "train.max_steps=20",
-        "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=2",
-        f"train.output_dir={out}", "train.progress_bar=false", *overrides])
+    loop, scored = method in LOOP_METHODS, method in NEEDS_SCORES
+    fields = [f"method={method}", f"model.name_or_path={model_dir}", "optim.learning_rate=3e-3",
+              "optim.schedule=constant", "train.batch_size=16", f"train.output_dir={out}", "train.progress_bar=false"]
+    fields += [f"data.train={root / 'prompts.jsonl'}", reward] if scored else []
+    fields += [f"pairs={root / 'pairs.jsonl'}"] if method in NEEDS_PAIRS else []
+    fields += [f"demonstrations={root / 'demos.jsonl'}"] if method in NEEDS_DEMOS else []
+    fields += ["train.max_steps=20", "generation.num_samples=2"] if loop else []
+    fields += ["generation.max_new_tokens=4", "generation.temperature=1.0"] if method != "rpo_demos" else []
+    return load_config(OnlinePairwiseConfig, None, [*fields, *overrides])
 
 
 def exact_kl(lm, model_path):
@@ -206,8 +211,9 @@ def test_spin_and_spac_start_each_iteration_at_log_two(lm, tmp_path, method):
     SPAC's demo term starts at log 2 too (policy == pi0), plus alpha * log 2 for the pairs."""
     import math
     from distalign.training.iterative import train_iterative
+    alpha = ["loss.alpha=0.5"] if method == "spac" else []
     cfg = config(lm, method, tmp_path, "loss.beta=0.1", "optim.learning_rate=1e-3", "iteration.iterations=2",
-                 "iteration.steps_per_iteration=5", "loss.alpha=0.5")
+                 "iteration.steps_per_iteration=5", *alpha)
     losses = [h["train/loss"] for h in train_iterative(cfg, log=lambda *_: None)["history"]]
     assert losses[0] == pytest.approx(math.log(2) * (1.0 if method == "spin" else 1.5), abs=1e-5)
     if method == "spin":
@@ -230,8 +236,9 @@ def test_spin_and_spac_reduce_kl_to_target_beyond_seed_noise(lm, tmp_path, metho
     before = exact_kl(lm, lm[3])
     afters = []
     for seed in (0, 1, 2):
+        alpha = ["loss.alpha=0.5"] if method == "spac" else []
         cfg = config(lm, method, tmp_path / f"seed{seed}", "loss.beta=1.0", "optim.learning_rate=1e-3",
-                     "train.batch_size=32", "loss.alpha=0.5", "iteration.iterations=3",
+                     "train.batch_size=32", *alpha, "iteration.iterations=3",
                      "iteration.steps_per_iteration=30", f"train.seed={seed}")
         result = train_iterative(cfg, log=lambda *_: None)
         assert len(result["history"]) == 90

@@ -117,18 +117,31 @@ def test_methods_increase_reward(world, monkeypatch, tmp_path, method, overrides
 def test_verifiable_arithmetic_reward_trains_and_logs(world, tmp_path):
     arithmetic = world[3]
     cfg = config(world, "grpo", tmp_path / "arith", f"data.train={arithmetic}", "train.max_steps=3",
-                 "generation.missing_eos_penalty=-1.0",
+                 "generation.missing_eos_penalty=-1.0", "train.log_every=1",
                  reward="rewards=[{kind: exact_answer, name: correct}, {kind: regex, pattern: '\\d', weight: 0.1}]")
     result = train_online(cfg, log=lambda *_: None)
     lines = [json.loads(line) for line in (tmp_path / "arith" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
-    for key in ("reward_mean", "reward_std", "kl", "entropy", "response_length", "truncated_fraction",
+    for key in ("reward_mean", "reward_std", "kl", "kl_k1", "entropy", "response_length", "truncated_fraction",
                 "clip_fraction", "k3_kl", "completions_per_s", "tokens_per_s", "generation_share",
                 "reward/correct", "loss"):
         assert all(f"train/{key}" in line for line in lines), key
     assert all(0 <= line["train/generation_share"] <= 1 for line in lines)
+    assert all(line["train/kl"] >= 0 for line in lines)  # k3; kl_k1 is the summed log-ratio, of either sign
     assert (tmp_path / "arith" / "final" / "model.safetensors").is_file()
     assert result["steps"] == 3
+
+
+def test_log_every_writes_window_means_and_history_keeps_every_step(world, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(world[0]))
+    out = tmp_path / "logged"
+    result = train_online(config(world, "rloo", out, "train.max_steps=5", "train.log_every=2"), log=lambda *_: None)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5]
+    rewards = [h["train/reward_mean"] for h in result["history"]]
+    assert len(rewards) == 5
+    assert [line["train/reward_mean"] for line in lines] == pytest.approx(
+        [(rewards[0] + rewards[1]) / 2, (rewards[2] + rewards[3]) / 2, rewards[4]])
 
 
 def test_resume_is_bitwise(world, monkeypatch, tmp_path):

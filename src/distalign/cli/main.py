@@ -62,6 +62,10 @@ def cmd_train(args) -> int:
         valid = ", ".join(m for methods, _, _ in families for m in methods)
         raise ConfigError(f"{COMMAND_LINE}: unknown method {args.method!r}; valid: {valid}")
     if args.list_fields:
+        from distalign.objectives import PAIRWISE_OBJECTIVES
+        objective = PAIRWISE_OBJECTIVES.get(args.method)
+        if objective is not None and objective.summary:  # e.g. cpo: Constrained PO, not TRL's Contrastive PO
+            print(f"{args.method}: {objective.summary}")
         for row in field_help(schema, values={"method": args.method}):
             print(row.line())
         return 0

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .online import ONLINE_METHODS, GenerationConfig, OnlineLossConfig
-from .online_pairwise import PromptDataConfig
+from .applicability import never, only, refuse_ignored, split_rule, when, with_prefix
+from .online import GENERATION_RULES, ONLINE_LOSS_RULES, ONLINE_METHODS, GenerationConfig, OnlineLossConfig
+from .online_pairwise import PromptDataConfig, check_response_limits
 from .schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelConfig, OptimConfig, _f
 
 IRL_METHODS = ("irl", "aihf")
@@ -30,7 +31,7 @@ class RewardStepConfig:
                               range=NON_NEGATIVE)
     demo_weight: float = _f(1.0, "gamma of Eq. 24a: weight of the demonstration > policy-sample term",
                               range=NON_NEGATIVE)
-    alpha: float = _f(1.0, "aihf: weight of the Bradley-Terry term on the preference pairs (irl ignores it)",
+    alpha: float = _f(1.0, "aihf: weight of the Bradley-Terry term on the preference pairs (refused for irl)",
                        range=NON_NEGATIVE)
     reinit: bool = _f(False, "start each iteration's reward model afresh from the current policy; false keeps "
                              "the reward model (and its optimizer) across iterations")
@@ -52,6 +53,15 @@ class RLStepConfig:
                                 factory=OnlineLossConfig)
     update_epochs: int = _f(1, "passes over each rollout (PPO epochs)", range=AT_LEAST_ONE)
     num_minibatches: int = _f(1, "optimizer steps per pass over a rollout", range=AT_LEAST_ONE)
+
+
+IRL_RULES = {
+    **with_prefix(ONLINE_LOSS_RULES, "rl.", lambda c: c.rl), **GENERATION_RULES,
+    "reference": when(lambda c: c.rl.loss.kl_coef == 0, "rl.loss.kl_coef is 0, so the RL step uses no reference"),
+    "data.eval": never("irl / aihf have no evaluation loop (run `distalign eval` on the saved model)"),
+    "data.split": split_rule("data.train", "demonstrations", "pairs"),
+    "pairs": only("aihf"), "reward.alpha": only("aihf"),
+}
 
 
 @dataclass
@@ -84,3 +94,5 @@ class IRLConfig:
             raise ValueError("pairs", "method aihf needs a preference pairs file")
         if self.model.lora is not None:
             raise ValueError("model", "lora: not supported by irl / aihf (each iteration reloads full weights)")
+        check_response_limits(self.data)
+        refuse_ignored(self, IRL_RULES)

@@ -149,6 +149,19 @@ def _sub_schema(f: dataclasses.Field, values: Mapping) -> type | None:
     return hook(values) if hook is not None else None
 
 
+def _factory_values(f: dataclasses.Field) -> dict:
+    """The values a nested section's `default_factory` sets (e.g. OnlinePairwiseConfig's
+    `GenerationConfig(num_samples=2)`), as a mapping the section's keys from the file then update."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    made = f.default_factory()
+    if not dataclasses.is_dataclass(made):
+        return {}
+    plain = type(made)()
+    return {k.name: getattr(made, k.name) for k in dataclasses.fields(made)
+            if k.init and getattr(made, k.name) != getattr(plain, k.name)}
+
+
 def build_dataclass(cls: type, values: dict, where: str | Location) -> Any:
     """Instantiate dataclass `cls` from a mapping; unknown keys and missing required fields are errors,
     and every value is checked against its field's `choices` and `range`.
@@ -166,14 +179,15 @@ def build_dataclass(cls: type, values: dict, where: str | Location) -> Any:
     kwargs = {}
     for name, f in fields.items():
         field_where = where.child(name)
-        sub_schema = _sub_schema(f, values)
+        sub_schema, factory = _sub_schema(f, values), _factory_values(f)
         if sub_schema is not None:  # kept as a plain mapping, with the sub-schema's defaults filled in
             kwargs[name] = dataclasses.asdict(_convert(values.get(name, {}), sub_schema, field_where))
         elif name in values:
-            kwargs[name] = _convert(values[name], hints[name], field_where)
+            given = {**factory, **values[name]} if factory and isinstance(values[name], dict) else values[name]
+            kwargs[name] = _convert(given, hints[name], field_where)
             _check_metadata(kwargs[name], f, field_where)
         elif dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = build_dataclass(hints[name], {}, field_where)  # so its own checks run
+            kwargs[name] = build_dataclass(hints[name], factory, field_where)  # so its own checks run
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{field_where}: required but missing")
     obj = cls(**kwargs)

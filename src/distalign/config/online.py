@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .applicability import first_reason, never, only, refuse_ignored, split_rule, when
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REAL, UNIT, DataConfig, ModelConfig, OptimConfig,
                      RunConfig, _f)
 
 ONLINE_METHODS = ("ppo", "reinforce", "rloo", "grpo", "reverse_kl")
+
+
+@dataclass
+class PromptsConfig(DataConfig):
+    """`DataConfig` of a prompts file: nothing of a response is tokenised, so `max_length` is never read
+    (and refused: `generation.max_new_tokens` bounds the responses)."""
+
+    def validate(self):
+        if not self.train:
+            raise ValueError("train", "required but missing")
 
 
 @dataclass
@@ -34,7 +45,8 @@ class GenerationConfig:
     backend: str = _f("hf", "sampler: 'hf' (own KV-cache decode loop, one prefill per prompt), 'generate' "
                             "(model.generate) or 'vllm' (needs vllm installed)", choices=("hf", "generate", "vllm"))
     fast_decode: bool = _f(True, "backend hf: decode Llama / Mistral / Qwen2 through distalign's lean step (fused "
-                                 "q|k|v and gate|up, in-place cache); false steps through the model's forward")
+                                 "q|k|v and gate|up, in-place cache); false steps through the model's forward "
+                                 "(other architectures always do)")
 
     def validate(self):
         if self.min_new_tokens > self.max_new_tokens:
@@ -62,6 +74,10 @@ class RewardSpec:
                 import_callable(self.path)   # so a bad plugin fails now, before any model loads
             except ValueError as err:
                 raise ValueError("path", str(err)) from None
+        if self.pattern and self.kind != "regex":
+            raise ValueError("pattern", f"has no effect for kind {self.kind}: only kind regex reads a pattern")
+        if self.path and self.kind not in ("model", "callable"):
+            raise ValueError("path", f"has no effect for kind {self.kind}: only kinds model and callable read a path")
 
 
 @dataclass
@@ -75,13 +91,55 @@ class OnlineLossConfig:
     lam: float = _f(0.95, "PPO GAE lambda", range=UNIT)
     whiten_advantages: bool = _f(True, "PPO: whiten advantages over the rollout")
     scale_rewards: bool = _f(True, "GRPO: divide by the group std (false = Dr. GRPO)")
-    clip_eps: float = _f(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high", range=POSITIVE)
+    clip_eps: float = _f(0.2, "ratio clip: 1 - clip_eps .. 1 + clip_eps_high (acts from the second optimizer "
+                              "step on a rollout: update_epochs > 1 or num_minibatches > 1)", range=POSITIVE)
     clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default clip_eps",
                                       range=POSITIVE)
     vf_coef: float = _f(0.1, "PPO value-loss weight", range=NON_NEGATIVE)
     vf_clip: float = _f(0.2, "PPO value clipping range", range=POSITIVE)
-    length_norm: str | None = _f(None, "per-token loss aggregation (default: the method's own)",
+    length_norm: str | None = _f(None, "per-token loss aggregation: sequence (mean over each response's tokens) "
+                                          "| token (DAPO: one mean over the step's tokens) | constant (Dr. GRPO: "
+                                          "sum / max_new_tokens). Default: the method's own: grpo sequence (the "
+                                          "GRPO paper's; TRL's GRPOTrainer defaults to token-level 'dapo', our "
+                                          "'token'), ppo token, reinforce / rloo / reverse_kl constant",
                                  choices=("sequence", "token", "constant"))
+
+
+SINGLE_PASS = ("each rollout gets one optimizer step (update_epochs = num_minibatches = 1), where "
+               "pi / pi_old = 1 and nothing is clipped")
+NO_EVALUATION = "online methods have no evaluation loop (run `distalign eval` on the saved model)"
+PROMPTS_ONLY = "its data are prompts, which have no response to truncate (generation.max_new_tokens bounds those)"
+
+
+def _single_pass(config) -> bool:
+    return config.update_epochs == 1 and config.num_minibatches == 1
+
+
+# Fields of `OnlineLossConfig` that not every method reads (relative to a config with `method`, `loss`,
+# `update_epochs`, `num_minibatches`: OnlineConfig itself, or IRLConfig's `rl`).
+ONLINE_LOSS_RULES = {
+    "loss.entropy_coef": only("reverse_kl"),
+    "loss.gamma": only("ppo"), "loss.lam": only("ppo"), "loss.whiten_advantages": only("ppo"),
+    "loss.vf_coef": only("ppo"),
+    "loss.vf_clip": first_reason(only("ppo"), when(_single_pass, SINGLE_PASS)),
+    "loss.scale_rewards": only("grpo"),
+    "loss.clip_eps": when(_single_pass, SINGLE_PASS),
+    "loss.clip_eps_high": when(_single_pass, SINGLE_PASS),
+}
+GENERATION_RULES = {
+    "generation.fast_decode": when(lambda c: c.generation.backend != "hf", "only backend hf has the fast decode step"),
+}
+ONLINE_RULES = {
+    **ONLINE_LOSS_RULES, **GENERATION_RULES,
+    "reference": when(lambda c: c.loss.kl_coef == 0, "loss.kl_coef is 0, so no reference model is used"),
+    "value_init": only("ppo"),
+    "value_model": first_reason(only("ppo"), when(lambda c: c.value_init != "reward_model",
+                                                  "value_init is 'policy' (set value_init=reward_model)")),
+    "data.eval": never(NO_EVALUATION),
+    "train.eval_every": never(NO_EVALUATION),
+    "data.split": split_rule("data.train"),
+    "data.max_length": never(PROMPTS_ONLY),
+}
 
 
 @dataclass
@@ -89,8 +147,8 @@ class OnlineConfig:
     method: str = _f("", "ppo | reinforce | rloo | grpo | reverse_kl", choices=ONLINE_METHODS)
     model: ModelConfig = _f(help="the policy", factory=ModelConfig)
     reference: str | None = _f(None, "reference model path/id; default: the policy's initial weights")
-    data: DataConfig = _f(help="prompts (a 'prompt' column; other columns reach reward functions)",
-                          factory=DataConfig)
+    data: PromptsConfig = _f(help="prompts (a 'prompt' column; other columns reach reward functions)",
+                             factory=PromptsConfig)
     optim: OptimConfig = _f(help="optimiser and schedule", factory=OptimConfig)
     train: RunConfig = _f(help="loop, batching (batch_size = prompts per rollout), checkpoints",
                           factory=RunConfig)
@@ -112,3 +170,4 @@ class OnlineConfig:
             raise ValueError("rewards", "at least one reward source is required")
         if self.value_init == "reward_model" and not self.value_model:
             raise ValueError("value_model", "required when value_init is 'reward_model'")
+        refuse_ignored(self, ONLINE_RULES)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .online import GenerationConfig, RewardSpec
+from .applicability import fields, first_reason, never, only, refuse_ignored, split_rule, when
+from .online import GENERATION_RULES, GenerationConfig, RewardSpec
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, UNIT, DataConfig, ModelConfig, OptimConfig,
                      RunConfig, _f)
@@ -29,14 +30,72 @@ NEEDS_SCORES = ("online_dpo", "online_distill", "rebel", "nash_md_pg")
 JUDGED = ("online_dpo", "nash_md_pg")              # a pairwise judge may stand in for the reward sources
 
 
+def uses_reference(config) -> bool:
+    """Whether `config`'s method reads pi0: online_dpo, spac and rpo_demos always; the KL-regularised
+    loop methods when kl_coef > 0 (nash_md_pg also for its mixture opponent); spin never (its reference
+    is the previous iterate)."""
+    method, loss = config.method, config.loss
+    if method in ("online_dpo", "spac", "rpo_demos"):
+        return True
+    if method == "spin":
+        return False
+    return loss.kl_coef > 0 or (method == "nash_md_pg" and loss.mixture > 0)
+
+
+def samples(config) -> bool:
+    """Whether the method draws from the policy: not rpo_demos, not pmle_online without its KL term."""
+    return config.method != "rpo_demos" and not (config.method == "pmle_online" and config.loss.kl_coef == 0)
+
+
+NOT_SAMPLED = "the method draws no samples (rpo_demos; pmle_online with loss.kl_coef=0)"
+ITERATIVE_LENGTH = "iteration.iterations x iteration.steps_per_iteration set the length of spin / spac / rpo_demos"
+NO_EVALUATION = "these methods have no evaluation loop (run `distalign eval` on the saved model)"
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "min_new_tokens",
+                     "missing_eos_penalty", "backend", "fast_decode")
+RULES = {
+    **{f"generation.{name}": when(lambda c: not samples(c), NOT_SAMPLED) for name in GENERATION_FIELDS},
+    "generation.fast_decode": first_reason(when(lambda c: not samples(c), NOT_SAMPLED),
+                                           GENERATION_RULES["generation.fast_decode"]),
+    "generation.num_samples": first_reason(when(lambda c: not samples(c), NOT_SAMPLED), only(*LOOP_METHODS)),
+    "generation.missing_eos_penalty": first_reason(
+        only(*NEEDS_SCORES), when(lambda c: not c.rewards, "the preferences come from the judge, not rewards")),
+    "data.train": only(*(m for m in LOOP_METHODS if m != "pmle_online")),
+    "data.eval": never(NO_EVALUATION), "train.eval_every": never(NO_EVALUATION),
+    "data.split": split_rule("data.train", "pairs", "demonstrations"),
+    "data.max_length": only(*NEEDS_PAIRS, *(m for m in NEEDS_DEMOS if m not in NEEDS_PAIRS)),
+    "pairs": only(*NEEDS_PAIRS), "demonstrations": only(*NEEDS_DEMOS),
+    "judge": only(*JUDGED), "rewards": only(*NEEDS_SCORES),
+    "reference": when(lambda c: not uses_reference(c), "it uses no reference model with these settings"),
+    "loss.beta": only("online_dpo", "spin", "spac", "rpo_demos"),
+    "loss.gamma": only("online_distill", "pmle_online"),
+    "loss.eta": only("rebel"),
+    "loss.kl_coef": only("online_distill", "rebel", "pmle_online", "nash_md_pg"),
+    "loss.mixture": only("nash_md_pg"),
+    "loss.alpha": only("spac", "rpo_demos"),
+    "update_epochs": only("online_dpo", "online_distill", "rebel"),
+    **fields(("iteration.iterations", "iteration.steps_per_iteration"), only(*ITERATIVE_METHODS)),
+    "train.gradient_accumulation_steps": never("these loops take one batch per optimizer step (raise "
+                                               "train.batch_size instead)"),
+    **fields(("train.epochs", "train.max_steps"), when(lambda c: c.method in ITERATIVE_METHODS, ITERATIVE_LENGTH)),
+    **fields(("train.save_every", "train.keep_checkpoints", "train.resume"),
+             when(lambda c: c.method in ITERATIVE_METHODS, "spin / spac / rpo_demos write no step checkpoints")),
+}
+
+
 @dataclass
 class PromptDataConfig(DataConfig):
     """`DataConfig` whose `train` (the prompts file) may be empty: pmle_online and the iterative methods
-    sample at the prompts of their pairs / demonstrations; the length limits apply to every file."""
+    sample at the prompts of their pairs / demonstrations; the length limits apply to every file
+    (`max_length` to the files with responses, checked by the config that knows which it reads)."""
 
     def validate(self):
-        if self.max_prompt_length <= 0 or self.max_length <= self.max_prompt_length:
-            raise ValueError("max_length", "must exceed max_prompt_length, which must be > 0")
+        pass
+
+
+def check_response_limits(data) -> None:
+    """max_length bounds prompt + response, so it must exceed max_prompt_length where responses are read."""
+    if data.max_length <= data.max_prompt_length:
+        raise ValueError("data.max_length", "must exceed data.max_prompt_length")
 
 
 @dataclass
@@ -112,6 +171,9 @@ class OnlinePairwiseConfig:
         if self.update_epochs > 1 and self.method == "nash_md_pg":
             raise ValueError("update_epochs", "must be 1 for nash_md_pg, whose policy gradient has no "
                                               "importance ratio for a second pass")
+        if self.method in NEEDS_PAIRS + NEEDS_DEMOS:
+            check_response_limits(self.data)
+        refuse_ignored(self, RULES)
 
 
 @dataclass

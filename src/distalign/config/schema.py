@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .applicability import first_reason, refuse_ignored, split_rule, when
 from .ranges import Range
 
 # Ranges every schema shares (interval notation, `config.ranges`).
@@ -93,7 +94,8 @@ class RunConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", range=AT_LEAST_ONE)
     epochs: float = _f(1.0, "passes over the training data (ignored if max_steps > 0)", range=NON_NEGATIVE)
     max_steps: int = _f(0, "optimizer steps; 0 = derive from epochs", range=NON_NEGATIVE)
-    log_every: int = _f(10, "optimizer steps between log lines", range=AT_LEAST_ONE)
+    log_every: int = _f(10, "optimizer steps between log lines (each the mean over those steps; online and "
+                            "iterative loops still return every step in their history)", range=AT_LEAST_ONE)
     eval_every: int = _f(0, "optimizer steps between evaluations; 0 = only at the end", range=NON_NEGATIVE)
     save_every: int = _f(0, "optimizer steps between checkpoints; 0 = only at the end", range=NON_NEGATIVE)
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep; 0 keeps every one", range=NON_NEGATIVE)
@@ -122,7 +124,8 @@ def _offline_loss_schema(values):
 
 @dataclass
 class OfflineConfig:
-    method: str = _f("", "sft, reward, or a pairwise objective (dpo, ipo, hinge, robust_dpo, rpo, cpo, simpo, pmle)")
+    method: str = _f("", "sft, reward, or a pairwise objective (dpo, ipo, hinge, robust_dpo, rpo, cpo, simpo, "
+                         "pmle); cpo is Constrained PO (seed 003), not TRL's CPOTrainer (Contrastive PO)")
     model: ModelConfig = _f(help="the policy (or the reward model's backbone for method=reward)",
                             factory=ModelConfig)
     reference: Optional[str] = _f(None, "reference model path/id; default: the policy's initial weights")
@@ -132,11 +135,38 @@ class OfflineConfig:
     loss: dict = _f(help="hyperparameters of the objective, e.g. {beta: 0.1}; typed and range-checked from its "
                          "signature (`--list-fields` with a method lists them)",
                     factory=dict, schema=_offline_loss_schema)
-    share_prompt: bool = _f(True, "one row [prompt|chosen|rejected] with a 4D mask instead of two rows")
-    precompute_reference: bool = _f(False, "compute reference log-probs once before training and cache them")
+    share_prompt: bool = _f(True, "pairwise methods: one row [prompt|chosen|rejected] with a 4D mask instead "
+                                  "of two rows")
+    precompute_reference: bool = _f(False, "pairwise methods: compute reference log-probs once before training "
+                                           "and cache them; for the reference-free pmle / simpo this is what "
+                                           "turns on the diagnostics frac_in_undesirable and rewards/*")
     group_by_length: bool = _f(False, "batch examples of similar length (runs of 50 batches sorted, batches "
                                        "shuffled): less padding, same randomness of order across batches")
 
     def validate(self):
         if not self.method:
             raise ValueError("method", "required but missing")
+        from distalign.objectives import PAIRWISE_OBJECTIVES  # torch: only when a config loads
+        if self.method in PAIRWISE_OBJECTIVES:
+            PAIRWISE_OBJECTIVES[self.method].validate(self.loss)  # hyperparameters its variant ignores
+        refuse_ignored(self, OFFLINE_RULES)
+
+
+def _reference_free(config) -> bool:
+    from distalign.objectives import PAIRWISE_OBJECTIVES
+    objective = PAIRWISE_OBJECTIVES.get(config.method)
+    return objective is None or not objective.needs_reference
+
+
+PAIRWISE_ONLY = "sft and reward read no reference"
+OFFLINE_RULES = {
+    "reference": first_reason(
+        when(lambda c: c.method in OFFLINE_METHODS_EXTRA, PAIRWISE_ONLY),
+        when(lambda c: _reference_free(c) and not c.precompute_reference,
+             "the objective is reference-free; pi0 enters only its diagnostics, with precompute_reference=true")),
+    "precompute_reference": when(lambda c: c.method in OFFLINE_METHODS_EXTRA, PAIRWISE_ONLY),
+    "share_prompt": when(lambda c: c.method in OFFLINE_METHODS_EXTRA,
+                         "sft and reward encode one response per row already"),
+    "train.eval_every": when(lambda c: not c.data.eval, "there is no data.eval to evaluate on"),
+    "data.split": split_rule("data.train", "data.eval"),
+}

@@ -29,7 +29,8 @@ def tokenize_examples(examples: list[dict], kind: str, tokenizer, *, max_prompt_
     """Tokenise examples from `load_examples`; returns the records and a report of skips and truncations."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, found {kind!r}")
-    if max_prompt_length <= 0 or max_length <= max_prompt_length:
+    # Prompts carry no response, so their max_length is never read and need not exceed the prompt limit.
+    if max_prompt_length <= 0 or (RESPONSE_FIELDS[kind] and max_length <= max_prompt_length):
         raise ValueError(f"max_length: must exceed max_prompt_length, which must be > 0 "
                          f"(found max_length={max_length}, max_prompt_length={max_prompt_length})")
     eos = tokenizer.eos_token_id

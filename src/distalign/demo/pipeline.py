@@ -125,7 +125,8 @@ def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> 
                 f"rewards=[{{kind: model, path: '{models['reward_model']}'}}]", "optim.learning_rate=1e-3",
                 "generation.temperature=1.0", f"generation.max_new_tokens={settings.max_len + 1}",
                 "generation.num_samples=4", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
-                *[o for o in _common(settings, out, method, settings.online_steps) if "batch_size" not in o]])
+                *[o for o in _common(settings, out, method, settings.online_steps)
+                  if "batch_size" not in o and "data.max_length" not in o]])  # prompts have no response
             models[method] = trainer(cfg, log=lambda *a: None)["final_model"]
         else:
             raise ValueError(f"demo: unknown method {method!r}; valid: {sorted({**OFFLINE, **ONLINE})}")

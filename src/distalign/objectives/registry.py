@@ -75,7 +75,7 @@ class PairwiseObjective:
                              f"{note}")
         settings = {**valid, **hparams}
         for (name, value), ignored in self.unused_with.items():
-            given = sorted(set(ignored) & set(hparams))
+            given = sorted(k for k in set(ignored) & set(hparams) if hparams[k] != valid[k])  # set, not default
             if settings[name] == value and given:
                 raise ValueError(f"{where}: {given} have no effect with {name}={value!r} in "
                                  f"{self.loss.__name__}; remove them or change {name}")

@@ -56,6 +56,11 @@ def make_accelerator(mixed_precision: str, retain_memory: bool = True, fsdp: boo
     if fsdp_requested() and not fsdp:
         raise LaunchError(f"{what}: FSDP is supported by the offline trainer only (sft, reward and the pairwise "
                            "objectives); launch it without an FSDP accelerate config")
+    from accelerate.state import AcceleratorState
+    # accelerate keeps one AcceleratorState per process and refuses a second run's other mixed_precision
+    # ("cannot be changed, restart your runtime"); each run here owns its accelerator, so start it afresh
+    # (the process group, PartialState, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     if fsdp_requested():
         if accelerator.device.type == "cpu":
@@ -465,6 +470,28 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
         self.jsonl.close()
+
+
+class LogWindow:
+    """What the online and iterative loops write to the log: the mean of each per-step scalar over the
+    steps since the last line, at every multiple of `every` and at `last_step` (their returned history
+    keeps every step). The offline loop averages per example instead (its `_reduce_metrics`)."""
+
+    def __init__(self, every: int, last_step: int):
+        self.every, self.last_step = max(1, every), last_step
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, step: int, metrics: dict) -> dict | None:
+        """Add step `step`'s metrics (floats); returns the window's means when a line is due, else None."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        if step % self.every and step != self.last_step:
+            return None
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
 
 
 def load_records(data, source: str, kind: str, tokenizer, log=print) -> list:

@@ -40,6 +40,7 @@ from distalign.objectives.online_pairwise import aihf_reward_loss
 from .checkpoint import begin_run
 from .common import MetricsLogger, check_finite, load_records, require_single_process, set_seed
 from .online import prompt_order, train_online
+from .rollout import completion_texts
 from .sampling import build_sampler
 
 
@@ -80,10 +81,7 @@ class RewardLearner:
     @torch.no_grad()
     def policy_samples(self, policy, sampler, prompt_ids: list) -> list[list[int]]:
         """y' ~ pi_t for each prompt, as the reward source will see it: decoded text re-tokenised + EOS."""
-        batch = sampler.sample(policy, prompt_ids)
-        lengths = batch.response_mask.sum(-1).long().tolist()
-        texts = self.tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)],
-                                            skip_special_tokens=True)
+        texts = completion_texts(self.tokenizer, sampler.sample(policy, prompt_ids))
         return tokenize_responses(texts, self.tokenizer)
 
     def scores(self, prompts: list, responses: list) -> torch.Tensor:
@@ -125,8 +123,10 @@ def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Pa
     """The Online engine I config of one policy step, validated like a YAML config."""
     rl = cfg.rl
     tree = {"method": rl.method, "model": {**to_dict(cfg.model), "name_or_path": policy_dir},
-            "reference": cfg.reference or cfg.model.name_or_path,
-            "data": {**to_dict(cfg.data), "train": cfg.data.train or cfg.demonstrations},
+            "reference": (cfg.reference or cfg.model.name_or_path) if rl.loss.kl_coef else None,
+            # the RL step reads prompts only: max_length (a response limit) is the reward step's
+            "data": {**{k: v for k, v in to_dict(cfg.data).items() if k != "max_length"},
+                     "train": cfg.data.train or cfg.demonstrations},
             "optim": to_dict(rl.optim), "generation": to_dict(cfg.generation), "loss": to_dict(rl.loss),
             "rewards": [{"kind": "model", "path": str(reward_dir), "name": "learned"}],
             "train": {"output_dir": str(out_dir), "seed": cfg.seed + iteration, "batch_size": rl.batch_size,

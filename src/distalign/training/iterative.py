@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_reference
 from distalign.models import collate_pairs, collate_sequences, pair_logps, save_model, sequence_logps
 from distalign.objectives.online_pairwise import rpo_demos_loss, spac_loss, spin_loss
 
 from .checkpoint import begin_run
-from .common import MetricsLogger, require_single_process
+from .common import LogWindow, MetricsLogger, require_single_process
 from .online_pairwise import PolicySession
 
 
@@ -33,7 +33,7 @@ class IterativeTrainer(PolicySession):
         require_single_process(cfg.method)
         it = cfg.iteration
         self.total_steps = it.iterations * it.steps_per_iteration
-        super().__init__(cfg, self.total_steps, needs_reference=cfg.method != "spin", log=log)
+        super().__init__(cfg, self.total_steps, needs_reference=uses_reference(cfg), log=log)
         self.demos = self.load(cfg.demonstrations, "demonstrations")
         self.pairs = self.load(cfg.pairs, "pairs") if cfg.method in ("spac", "rpo_demos") else None
 
@@ -89,7 +89,7 @@ class IterativeTrainer(PolicySession):
         out = Path(t.output_dir)
         begin_run(self.cfg, out)
         logger = MetricsLogger(out, True, self.total_steps, 0, t.progress_bar, self.cfg.method)
-        history, step = [], 0
+        window, history, step = LogWindow(t.log_every, self.total_steps), [], 0
         try:
             for iteration in range(it.iterations):
                 samples = self.own_samples() if self.cfg.method != "rpo_demos" else None
@@ -97,11 +97,14 @@ class IterativeTrainer(PolicySession):
                     if self.cfg.method == "spin" else None
                 for _ in range(it.steps_per_iteration):
                     self.policy.train()
-                    metrics = self.optimizer_step(self.step_loss(step, samples, previous), step)
+                    with self.acc.autocast():
+                        loss = self.step_loss(step, samples, previous)
+                    metrics = self.optimizer_step(loss, step)
                     step += 1
                     values = {f"train/{k}": float(v) for k, v in metrics.items()}
                     values["train/iteration"] = iteration
-                    logger.log(step, values)
+                    if (line := window.add(step, values)) is not None:
+                        logger.log(step, line)
                     logger.advance()
                     history.append({"step": step, **values})
         finally:

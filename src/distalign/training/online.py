@@ -34,12 +34,14 @@ import torch
 from distalign.config import to_dict
 from distalign.config.online import OnlineConfig
 from distalign.models import is_peft_model, load_policy, load_tokenizer, save_model
+from distalign.objectives.kl import sequence_kl_estimate
 from distalign.objectives.online_registry import RolloutTensors, get_online_objective
 from distalign.objectives.policy_gradient import masked_mean
 from distalign.rewards import build_reward
 
 from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
+    LogWindow,
     MetricsLogger,
     bf16_linear_weights,
     bf16_training_weights,
@@ -54,7 +56,7 @@ from .common import (
     process_sum,
     set_seed,
 )
-from .rollout import ResponseForward, SampledBatch, grouped_response_forward
+from .rollout import ResponseForward, SampledBatch, completion_texts, grouped_response_forward
 from .sampling import build_sampler
 from .value_head import PolicyWithValueHead, build_value_head
 
@@ -88,6 +90,34 @@ def process_uniforms(seed: int, step: int, stream: int, rows: int, width: int, a
 def prompt_text(record, tokenizer) -> str:
     """What reward functions see as the prompt: the string itself, or the rendered chat prompt."""
     return record.prompt if isinstance(record.prompt, str) else tokenizer.decode(record.prompt_ids)
+
+
+def score_samples(reward, tokenizer, records: list, batch: SampledBatch, group_size: int,
+                  missing_eos_penalty: float | None, device) -> tuple[torch.Tensor | None, list[str], list[str]]:
+    """What every online loop's reward sees: each record's prompt text `group_size` times, the decoded
+    completions and the records' other columns. Returns (scores (B,) or None without a reward, prompts,
+    completions); `missing_eos_penalty` is added to the score of every completion without EOS."""
+    prompts = [prompt_text(r, tokenizer) for r in records for _ in range(group_size)]
+    texts = completion_texts(tokenizer, batch)
+    if reward is None:
+        return None, prompts, texts
+    rows = [dict(getattr(r, "extra", None) or {}) for r in records for _ in range(group_size)]
+    scores = reward(prompts, texts, rows).to(device)
+    if missing_eos_penalty is not None:
+        scores = scores + missing_eos_penalty * batch.truncated.to(device=scores.device, dtype=scores.dtype)
+    return scores, prompts, texts
+
+
+def reward_parts(reward) -> dict:
+    """`reward/{name}`: the batch mean of each reward source of the last scoring (`rewards[].name`)."""
+    return {f"reward/{name}": part.mean() for name, part in getattr(reward, "last_parts", {}).items()}
+
+
+def kl_metrics(token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """`kl`: the batch mean of the per-response k3 estimate of KL(pi||pi0) (unbiased, never negative);
+    `kl_k1`: the same with k1 (the summed log-ratio, which a batch can drive below 0)."""
+    return {"kl": sequence_kl_estimate(token_logps, ref_token_logps, mask).mean(),
+            "kl_k1": sequence_kl_estimate(token_logps, ref_token_logps, mask, "k1").mean()}
 
 
 class OnlineTrainer:
@@ -161,17 +191,8 @@ class OnlineTrainer:
 
     def score(self, records: list, batch: SampledBatch) -> torch.Tensor:
         """Rewards (B,) of the decoded completions, each prompt repeated `group_size` times."""
-        k = self.group_size
-        lengths = batch.response_mask.sum(-1).long().tolist()
-        completions = self.tokenizer.batch_decode(
-            [ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)], skip_special_tokens=True)
-        prompts = [prompt_text(r, self.tokenizer) for r in records for _ in range(k)]
-        rows = [dict(r.extra) for r in records for _ in range(k)]
-        scores = self.reward(prompts, completions, rows).to(self.device)
-        penalty = self.cfg.generation.missing_eos_penalty
-        if penalty is not None:
-            scores = scores + penalty * batch.truncated.float()
-        return scores
+        return score_samples(self.reward, self.tokenizer, records, batch, self.group_size,
+                             self.cfg.generation.missing_eos_penalty, self.device)[0]
 
     @torch.no_grad()
     def rollout(self, step: int) -> tuple[SampledBatch, RolloutTensors, dict]:
@@ -203,9 +224,8 @@ class OnlineTrainer:
                    "entropy": masked_mean(entropy, r.mask), "response_length": r.mask.sum(-1).mean(),
                    "truncated_fraction": batch.truncated.float().mean(), "generation_time": generation_time}
         if r.ref_token_logps is not None:
-            metrics["kl"] = ((r.token_logps - r.ref_token_logps) * r.mask).sum(-1).mean()
-        for name, part in getattr(self.reward, "last_parts", {}).items():
-            metrics[f"reward/{name}"] = part.mean()
+            metrics.update(kl_metrics(r.token_logps, r.ref_token_logps, r.mask))
+        metrics.update(reward_parts(self.reward))
         return metrics
 
     def update(self, step: int, batch: SampledBatch, rollout: RolloutTensors) -> dict:
@@ -285,12 +305,13 @@ class OnlineTrainer:
         start = begin_run(self.cfg, out, resume=t.resume, model=self.module, optimizer=self.optimizer,
                           scheduler=self.scheduler, log=self.log, main_process=main)
         logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.cfg.method)
-        history = []
+        window, history = LogWindow(t.log_every, self.total_steps), []
         try:
             for step in range(start, self.total_steps):
                 metrics = {f"train/{k}": v for k, v in self.train_step(step).items()}
                 done = step + 1
-                logger.log(done, metrics)
+                if (line := window.add(done, metrics)) is not None:
+                    logger.log(done, line)
                 logger.advance()
                 history.append({"step": done, **metrics})
                 if t.save_every and done % t.save_every == 0 and done < self.total_steps:

@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 
 from distalign.config import to_dict
-from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_reference
 from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps, save_model
-from distalign.objectives import distill_loss, dpo_loss, kl_estimate, pmle_loss, score_function_kl
+from distalign.objectives import distill_loss, dpo_loss, pmle_loss, score_function_kl
 from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
 from distalign.rewards import build_reward, import_callable
 
 from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
+    LogWindow,
     MetricsLogger,
     average_gradients,
     build_optimizer,
@@ -53,7 +54,8 @@ from .common import (
     process_sum,
     set_seed,
 )
-from .online import OPPONENT_SAMPLING, SAMPLING, process_uniforms, prompt_order, prompt_text
+from .online import (OPPONENT_SAMPLING, SAMPLING, kl_metrics, process_uniforms, prompt_order, reward_parts,
+                     score_samples)
 from .rollout import SampledBatch, response_forward
 from .sampling import MixtureSampler, build_sampler, sampler_options
 
@@ -105,20 +107,19 @@ class PolicySession:
             self.cfg.train.seed, step, stream, len(rows), self.cfg.generation.max_new_tokens, self.acc)
         return (sampler or self.sampler).sample(self.policy, rows, uniforms)
 
-    def completions(self, batch: SampledBatch) -> list[str]:
-        lengths = batch.response_mask.sum(-1).long().tolist()
-        return self.tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)],
-                                           skip_special_tokens=True)
+    def token_logps(self, batch: SampledBatch, model=None):
+        """Response token log-probs (B, T) at the sampling temperature; no grad unless model is None."""
+        with self.acc.autocast(), torch.set_grad_enabled(model is None and torch.is_grad_enabled()):
+            return response_forward(model or self.policy, batch, self.cfg.generation.temperature).token_logps
 
     def logps(self, batch: SampledBatch, model=None):
         """Summed response log-probs (B,) at the sampling temperature; no grad unless model is None."""
-        with self.acc.autocast(), torch.set_grad_enabled(model is None and torch.is_grad_enabled()):
-            return response_forward(model or self.policy, batch, self.cfg.generation.temperature).token_logps.sum(-1)
+        return self.token_logps(batch, model).sum(-1)
 
     @torch.no_grad()
-    def ref_logps(self, batch: SampledBatch):
+    def ref_token_logps(self, batch: SampledBatch):
         with self.reference.context() as ref_model:
-            return self.logps(batch, ref_model)
+            return self.token_logps(batch, ref_model)
 
     def save(self, step: int) -> None:
         save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.policy, self.optimizer,
@@ -141,8 +142,7 @@ class OnlinePairwiseTrainer(PolicySession):
     def __init__(self, cfg: OnlinePairwiseConfig, log=print):
         self.method, self.k = cfg.method, cfg.generation.num_samples
         mixture = cfg.loss.mixture if cfg.method == "nash_md_pg" else 0.0
-        needs_reference = cfg.method == "online_dpo" or cfg.loss.kl_coef > 0 or mixture > 0
-        super().__init__(cfg, 1, needs_reference, log)
+        super().__init__(cfg, 1, uses_reference(cfg), log)
         # Nash-MD-PG's opponent; with mixture 0 it is the policy itself (self-play), drawn by `sampler`.
         self.opponent_sampler = self.sampler
         if mixture > 0:
@@ -157,12 +157,10 @@ class OnlinePairwiseTrainer(PolicySession):
         self.reward = build_reward(cfg.rewards, self.device, cfg.model.trust_remote_code) if cfg.rewards else None
         self.judge = import_callable(cfg.judge) if cfg.judge else None
 
-    def score(self, records: list, batch: SampledBatch) -> tuple[torch.Tensor, list[str], list[str]]:
-        prompts = [prompt_text(r, self.tokenizer) for r in records for _ in range(self.k)]
-        texts = self.completions(batch)
-        rows = [dict(getattr(r, "extra", {}) or {}) for r in records for _ in range(self.k)]
-        scores = self.reward(prompts, texts, rows).to(self.device) if self.reward is not None else None
-        return scores, prompts, texts
+    def score(self, records: list, batch: SampledBatch) -> tuple[torch.Tensor | None, list[str], list[str]]:
+        """(rewards with `generation.missing_eos_penalty`, or None with only a judge; prompts; completions)."""
+        return score_samples(self.reward, self.tokenizer, records, batch, self.k,
+                             self.cfg.generation.missing_eos_penalty, self.device)
 
     def judged(self, prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
         """The judge's P(a > b) per pair (B,)."""
@@ -183,13 +181,16 @@ class OnlinePairwiseTrainer(PolicySession):
         records = self.batch_of(self.records, step)
         batch = self.sample([r.prompt_ids for r in records], self.k, step)
         scores, prompts, texts = self.score(records, batch)
-        old = self.logps(batch, self.policy)
-        ref = self.ref_logps(batch) if self.reference is not None else None
-        metrics = {"response_length": batch.response_mask.sum(-1).float().mean()}
-        if ref is not None:
-            metrics["kl"] = kl_estimate(old, ref).mean()
+        old_tokens = self.token_logps(batch, self.policy)
+        old, ref = old_tokens.sum(-1), None
+        metrics = {"response_length": batch.response_mask.sum(-1).float().mean(),
+                   "truncated_fraction": batch.truncated.float().mean()}
+        if self.reference is not None:
+            ref_tokens = self.ref_token_logps(batch)
+            ref = ref_tokens.sum(-1)
+            metrics.update(kl_metrics(old_tokens, ref_tokens, batch.response_mask))
         if scores is not None:
-            metrics["reward_mean"] = scores.mean()
+            metrics.update(reward_mean=scores.mean(), **reward_parts(self.reward))
         if self.method == "rebel" and ref is not None:
             scores = scores - self.cfg.loss.kl_coef * (old - ref)
         for _ in range(self.cfg.update_epochs):
@@ -234,9 +235,9 @@ class OnlinePairwiseTrainer(PolicySession):
         loss = preference
         if self.reference is not None:
             batch = self.sample([r.prompt_ids for r in records], self.k, step)
-            logps, ref = self.logps(batch), self.ref_logps(batch)
-            loss = loss + self.kl_term(logps, ref)
-            metrics["kl"] = kl_estimate(logps.detach(), ref).mean()
+            tokens, ref_tokens = self.token_logps(batch), self.ref_token_logps(batch)
+            loss = loss + self.kl_term(tokens.sum(-1), ref_tokens.sum(-1))
+            metrics.update(kl_metrics(tokens.detach(), ref_tokens, batch.response_mask))
         metrics.update(self.optimizer_step(loss, step))
         return metrics
 
@@ -247,18 +248,20 @@ class OnlinePairwiseTrainer(PolicySession):
         batch = self.sample(prompt_ids, self.k, step)
         opponents = self.sample(prompt_ids, self.k, step, OPPONENT_SAMPLING, self.opponent_sampler)
         scores, prompts, texts = self.score(records, batch)
+        parts = reward_parts(self.reward)
         opponent_scores, _, opponent_texts = self.score(records, opponents)
         pref = (self.judged(prompts, texts, opponent_texts) if self.judge is not None
                 else torch.sigmoid(scores - opponent_scores))
-        logps = self.logps(batch)
-        ref = self.ref_logps(batch) if self.cfg.loss.kl_coef > 0 else None
-        loss = nash_md_pg_loss(logps, ref, pref, self.cfg.loss.kl_coef, self.k).mean()
-        metrics = {"preference_vs_opponent": pref.mean(),
+        tokens = self.token_logps(batch)
+        ref_tokens = self.ref_token_logps(batch) if self.cfg.loss.kl_coef > 0 else None
+        ref = ref_tokens.sum(-1) if ref_tokens is not None else None
+        loss = nash_md_pg_loss(tokens.sum(-1), ref, pref, self.cfg.loss.kl_coef, self.k).mean()
+        metrics = {"preference_vs_opponent": pref.mean(), "truncated_fraction": batch.truncated.float().mean(),
                    "response_length": batch.response_mask.sum(-1).float().mean()}
-        if ref is not None:
-            metrics["kl"] = kl_estimate(logps.detach(), ref).mean()
+        if ref_tokens is not None:
+            metrics.update(kl_metrics(tokens.detach(), ref_tokens, batch.response_mask))
         if scores is not None:
-            metrics["reward_mean"] = scores.mean()
+            metrics.update(reward_mean=scores.mean(), **parts)
         metrics.update(self.optimizer_step(loss, step))
         return metrics
 
@@ -269,12 +272,13 @@ class OnlinePairwiseTrainer(PolicySession):
         start = begin_run(self.cfg, out, resume=t.resume, model=self.policy, optimizer=self.optimizer,
                           scheduler=self.scheduler, log=self.log, main_process=main)
         logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.method)
-        history = []
+        window, history = LogWindow(t.log_every, self.total_steps), []
         try:
             for step in range(start, self.total_steps):
                 self.policy.train()
                 metrics = {f"train/{k}": v for k, v in mean_over_processes(self.train_step(step), self.acc).items()}
-                logger.log(step + 1, metrics)
+                if (line := window.add(step + 1, metrics)) is not None:
+                    logger.log(step + 1, line)
                 logger.advance()
                 history.append({"step": step + 1, **metrics})
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < self.total_steps:

@@ -44,6 +44,13 @@ class SampledBatch:
                             pick(self.token_logps), pick(self.entropy))
 
 
+def completion_texts(tokenizer, batch: SampledBatch) -> list[str]:
+    """The decoded responses of a batch, each cut at its end (EOS included, then dropped as special)."""
+    lengths = batch.response_mask.sum(-1).long().tolist()
+    return tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(), lengths)],
+                                  skip_special_tokens=True)
+
+
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Prompts right-aligned in a (B, P) tensor, so generated tokens follow them directly."""
     width = max(len(p) for p in prompt_ids)

@@ -63,12 +63,15 @@ def train_offline_pairs(method: str, start: Path, files: dict, out: Path, plan: 
 
 
 def train_iterative_method(method: str, start: Path, files: dict, out: Path, plan: dict, seed: int) -> Path:
+    # Each method gets only the fields it reads (the config refuses the others).
+    pairs = [f"pairs={files['pairs']}", "loss.alpha=1.0"] if method != "spin" else []
+    sampling = ["generation.max_new_tokens=4", "generation.temperature=1.0"] if method != "rpo_demos" else []
     cfg = load_config(OnlinePairwiseConfig, None, [
-        f"method={method}", f"model.name_or_path={start}", f"pairs={files['pairs']}",
+        f"method={method}", f"model.name_or_path={start}", *pairs, *sampling,
         f"demonstrations={files['demos']}", f"train.output_dir={out}", f"train.seed={seed}",
         "train.batch_size=32", "train.progress_bar=false", f"optim.learning_rate={plan['learning_rate']}",
-        "optim.schedule=constant", "generation.max_new_tokens=4", "generation.temperature=1.0",
-        f"loss.beta={plan['beta']}", "loss.alpha=1.0", f"iteration.iterations={1 if method == 'rpo_demos' else plan['iterations']}",
+        "optim.schedule=constant", f"loss.beta={plan['beta']}",
+        f"iteration.iterations={1 if method == 'rpo_demos' else plan['iterations']}",
         f"iteration.steps_per_iteration={plan['iterative_steps']}", *LENGTHS])
     return Path(train_iterative(cfg, log=lambda *_: None)["final_model"])
 
