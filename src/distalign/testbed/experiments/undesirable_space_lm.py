@@ -51,7 +51,7 @@ MIN_TARGET_GAP, ROWS_PER_PAIR = 0.5, 16
 METHODS = {"dpo": ("dpo", {"beta": BETA}),
            "cpo_full": ("cpo", {"beta": BETA, "margin": MARGIN, "variant": "full"}),
            "cpo_simple": ("cpo", {"beta": BETA, "margin": MARGIN, "variant": "simple"}),
-           "cpo_clip": ("cpo", {"beta": BETA, "margin": MARGIN, "variant": "clip"}),
+           "cpo_clip": ("cpo", {"beta": BETA, "variant": "clip"}),  # clip has no margin (refused)
            "pmle": ("pmle", {"gamma": 1.0})}
 QUICK = {"steps": 60, "eval_every": 5, "sft_steps": 250, "n_demos": 4096, "pairs_per_prompt": 2}
 FULL = {"steps": 300, "eval_every": 10, "sft_steps": 600, "n_demos": 8192, "pairs_per_prompt": 3}
