@@ -3,7 +3,8 @@ everything a field could change, the enumeration of a schema's fields, and the p
 
 A `Record` is what one run shows from outside: its error (one line) or None, a digest of every model
 file it wrote (and of results.json), its logged metrics (timing removed), the names of its files, the
-progress bars it drew, every top-level model forward (class and logits shape), the `trust_remote_code`
+progress bars it drew, every model forward (class and logits shape; decoder layers too, which
+activation checkpointing runs again in the backward), the `trust_remote_code`
 each load passed to the loader, and how often it kept freed memory (glibc `mallopt`). Two runs of one
 config give equal records (the walk checks it), so a field changed something iff the records differ.
 """
@@ -114,6 +115,8 @@ class Spies:
         if name.endswith(("ForCausalLM", "ForSequenceClassification")):
             logits = getattr(output, "logits", None)
             self.forwards.append((name, tuple(logits.shape) if logits is not None else None))
+        elif name.endswith("DecoderLayer"):  # activation checkpointing runs these again in the backward
+            self.forwards.append((name, torch.is_grad_enabled()))
 
     def reset(self):
         self.forwards, self.loads, self.retained = [], [], 0

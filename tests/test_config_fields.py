@@ -168,6 +168,7 @@ def run_checks(refused_iterative=(), prefix: str = "train.") -> dict:
         prefix + "log_every": [C("2")], prefix + "save_every": [C("1", it)],
         prefix + "keep_checkpoints": [C("1", it, context=lambda e, m: () if m in it else ("train.save_every=1",))],
         prefix + "mixed_precision": [C("bf16")], prefix + "retain_freed_memory": [C("false")],
+        prefix + "gradient_checkpointing": [C("true")],
         prefix + "resume": [C("true", it, prepare=True)], prefix + "progress_bar": [C("true")],
     }
 
@@ -326,7 +327,7 @@ def irl_checks(e: Env) -> dict:
         "reference": [C(e.other), C(e.other, ALL, context=("rl.loss.kl_coef=0",))],
         "demonstrations": [C(e.demos_b)], "pairs": [C(e.pairs_b, {"irl"})],
         "output_dir": [C("", observe="output_dir")], "seed": [C("1")], "iterations": [C("2")],
-        "progress_bar": [C("true")],
+        "progress_bar": [C("true")], "gradient_checkpointing": [C("true")],
         "reward.steps": [C("2")], "reward.batch_size": [C("3")], "reward.learning_rate": [C("1e-2")],
         "reward.weight_decay": [C("0.5")], "reward.max_grad_norm": [C("1e-4")], "reward.demo_weight": [C("0.5")],
         "reward.alpha": [C("0.5", {"irl"})], "reward.reinit": [C("true", context=("iterations=2",))],
