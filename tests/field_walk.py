@@ -97,6 +97,7 @@ class Spies:
         import distalign.training.common as common
         self.forwards, self.loads, self.retained = [], [], 0
         resolve, retain = loading.resolve_source, common.retain_freed_memory
+        enable_checkpointing = loading.enable_gradient_checkpointing
 
         def spy_resolve(name, trust_remote_code=False):
             self.loads.append(bool(trust_remote_code))
@@ -106,7 +107,14 @@ class Spies:
             self.retained += 1
             return retain(*args, **kwargs)
 
+        def spy_checkpointing(model):
+            # Recomputation in the backward runs the layers' forwards without module hooks, so the
+            # switch is observed where the loader turns it on.
+            self.loads.append("gradient_checkpointing")
+            return enable_checkpointing(model)
+
         monkeypatch.setattr(loading, "resolve_source", spy_resolve)
+        monkeypatch.setattr(loading, "enable_gradient_checkpointing", spy_checkpointing)
         monkeypatch.setattr(common, "retain_freed_memory", spy_retain)
         self.handle = torch.nn.modules.module.register_module_forward_hook(self._forward)
 
@@ -115,8 +123,6 @@ class Spies:
         if name.endswith(("ForCausalLM", "ForSequenceClassification")):
             logits = getattr(output, "logits", None)
             self.forwards.append((name, tuple(logits.shape) if logits is not None else None))
-        elif name.endswith("DecoderLayer"):  # activation checkpointing runs these again in the backward
-            self.forwards.append((name, torch.is_grad_enabled()))
 
     def reset(self):
         self.forwards, self.loads, self.retained = [], [], 0
