@@ -134,3 +134,12 @@ def test_list_items_are_named_without_stray_quotes():
                                          "rewards=[{kind: regex, pattern: x}, {kind: bogus}]"])
     assert "field 'rewards[1].kind': must be one of" in str(caught.value)
     assert str(caught.value).startswith("command line: ")
+
+
+def test_mixed_precision_no_as_accelerate_spells_it(tmp_path):
+    """YAML 1.1 reads `no` (accelerate's spelling) as False; the field still means "no"; `yes` stays refused."""
+    path = write(tmp_path, "method: dpo\nmodel: {name_or_path: m}\ndata: {train: d.jsonl}\ntrain: {mixed_precision: no}\n")
+    assert load_config(OfflineConfig, path).train.mixed_precision == "no"
+    assert load_config(OfflineConfig, None, [*BASE, "train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="field 'train.mixed_precision': expected str, got bool True"):
+        load_config(OfflineConfig, None, [*BASE, "train.mixed_precision=yes"])

@@ -184,6 +184,8 @@ def build_dataclass(cls: type, values: dict, where: str | Location) -> Any:
             kwargs[name] = dataclasses.asdict(_convert(values.get(name, {}), sub_schema, field_where))
         elif name in values:
             given = {**factory, **values[name]} if factory and isinstance(values[name], dict) else values[name]
+            if given is False and hints[name] is str and "no" in f.metadata.get("choices", ()):
+                given = "no"  # YAML 1.1 reads accelerate's `no` (and off / false) as the boolean False
             kwargs[name] = _convert(given, hints[name], field_where)
             _check_metadata(kwargs[name], f, field_where)
         elif dataclasses.is_dataclass(hints[name]):
