@@ -54,6 +54,9 @@ PLUGINS = {
     "no_function": "def other(prompts, completions, **_):\n    return [1.0] * len(completions)\n",
     "numpy_ok": "import numpy as np\ndef reward(prompts, completions, **_):\n"
                 "    return [np.float32(len(c) % 3) for c in completions]\n",
+    "judge_raises": "def judge(prompts, a, b):\n    raise RuntimeError('judge offline')\n",
+    "judge_not_probability": "def judge(prompts, a, b):\n    return [2.0] * len(a)\n",
+    "judge_too_few": "def judge(prompts, a, b):\n    return [0.5]\n",
 }
 
 
@@ -242,6 +245,26 @@ def test_reward_plugin_failures_mid_run(paths, capsys, case, module, fragments):
     before = snapshot(paths["saved"])
     argv = fill([*GRPO, "train.output_dir={new}", f"rewards=[{{{{kind: callable, path: '{module}_{{suffix}}:reward'}}}}]"],
                 paths)
+    code, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, fragments)
+    assert snapshot(paths["saved"]) == before
+    assert not list(paths["new"].glob("checkpoint-*")) and not (paths["new"] / "final").exists()
+
+
+# A pairwise judge (online_dpo's `judge:`) that breaks once training runs: named like a reward function.
+JUDGE_CASES = [
+    ("judge_raises", ["judge judge_raises_", ":judge raised RuntimeError: judge offline", "batch of 2 pairs"]),
+    ("judge_not_probability", ["judge judge_not_probability_", "value 0 is 2.0", "in [0, 1]"]),
+    ("judge_too_few", ["judge judge_too_few_", "returned 1 values for 2 pairs"]),
+]
+
+
+@pytest.mark.parametrize("module, fragments", JUDGE_CASES, ids=[c[0] for c in JUDGE_CASES])
+def test_judge_failures_mid_run(paths, capsys, module, fragments):
+    before = snapshot(paths["saved"])
+    argv = fill(["train", "online_dpo", "model.name_or_path={tiny}", "data.train={prompts}",
+                 "train.output_dir={new}", "train.max_steps=1", "train.batch_size=2", "generation.max_new_tokens=3",
+                 "train.progress_bar=false", f"judge={module}_{{suffix}}:judge"], paths)
     code, err = run_main(argv, capsys)
     assert_one_line_error(code, err, fragments)
     assert snapshot(paths["saved"]) == before

@@ -2,6 +2,7 @@
 reward models, Python callables ('module:function'), built-in verifiers, and weighted sums."""
 from .sources import (
                       BUILTIN,
+                      CallableJudge,
                       CallableSource,
                       RewardModelSource,
                       RewardSource,
@@ -13,6 +14,7 @@ from .verifiers import exact_answer, last_number, regex_reward
 
 __all__ = [
                       "BUILTIN",
+                      "CallableJudge",
                       "CallableSource",
                       "RewardModelSource",
                       "RewardSource",

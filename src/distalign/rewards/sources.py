@@ -83,20 +83,48 @@ class CallableSource:
             values = self._call(prompts, completions, rows)
         except Exception as error:  # noqa: BLE001 - user code: report it as one line, not a traceback
             raise self._raised(error, prompts, completions, rows) from None
-        if hasattr(values, "tolist"):  # a numpy array or torch tensor
-            values = values.tolist()
-        if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-            raise ValueError(f"reward function {self.name}: returned {type(values).__name__} "
-                             f"{_clip(repr(values))}, expected a list of {len(completions)} numbers")
-        values = [v.item() if hasattr(v, "item") else v for v in values]
-        if len(values) != len(completions):
-            raise ValueError(f"reward function {self.name}: returned {len(values)} values for "
-                             f"{len(completions)} completions")
-        bad = [i for i, v in enumerate(values) if not isinstance(v, numbers.Real) or not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"reward function {self.name}: value {bad[0]} is {values[bad[0]]!r}, "
-                             "expected a finite number")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        return torch.tensor(finite_numbers(values, len(completions), f"reward function {self.name}",
+                                           "completions"), dtype=torch.float32)
+
+
+def finite_numbers(values: Any, n: int, who: str, per: str) -> list[float]:
+    """A user function's result as n finite floats (Python, numpy or 0-d torch numbers, or one array),
+    else a one-line ValueError starting with `who`."""
+    if hasattr(values, "tolist"):  # a numpy array or torch tensor
+        values = values.tolist()
+    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{who}: returned {type(values).__name__} {_clip(repr(values))}, "
+                         f"expected a list of {n} numbers")
+    values = [v.item() if hasattr(v, "item") else v for v in values]
+    if len(values) != n:
+        raise ValueError(f"{who}: returned {len(values)} values for {n} {per}")
+    bad = [i for i, v in enumerate(values) if not isinstance(v, numbers.Real) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{who}: value {bad[0]} is {values[bad[0]]!r}, expected a finite number")
+    return [float(v) for v in values]
+
+
+class CallableJudge:
+    """A pairwise judge `judge(prompts, a, b) -> P(a > b)` per pair, each in [0, 1], named in a config
+    as 'module:function'. Its failures (an exception, a wrong count, a value outside [0, 1]) are
+    one-line errors naming the function, like a reward function's."""
+
+    def __init__(self, spec: str):
+        self.name, self.fn = spec, _import_callable(spec)
+
+    def __call__(self, prompts: list[str], a: list[str], b: list[str]) -> Tensor:
+        who = f"judge {self.name}"
+        try:
+            values = self.fn(prompts, a, b)
+        except Exception as error:  # noqa: BLE001 - user code: report it as one line, not a traceback
+            detail = str(error).splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"{who} raised {type(error).__name__}{': ' + detail if detail else ''} "
+                             f"on a batch of {len(a)} pairs (prompt 0: {_clip(prompts[0]) if prompts else ''!r})") from None
+        p = finite_numbers(values, len(a), who, "pairs")
+        outside = [i for i, v in enumerate(p) if not 0.0 <= v <= 1.0]
+        if outside:
+            raise ValueError(f"{who}: value {outside[0]} is {p[outside[0]]!r}, expected a probability P(a > b) in [0, 1]")
+        return torch.tensor(p, dtype=torch.float32)
 
 
 class RewardModelSource:

@@ -37,7 +37,7 @@ from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_referenc
 from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps, save_model
 from distalign.objectives import distill_loss, dpo_loss, pmle_loss, score_function_kl
 from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
-from distalign.rewards import build_reward, import_callable
+from distalign.rewards import CallableJudge, build_reward
 
 from .checkpoint import begin_run, save_checkpoint_on_main
 from .common import (
@@ -155,7 +155,7 @@ class OnlinePairwiseTrainer(PolicySession):
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // self.global_batch())))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.update_epochs)
         self.reward = build_reward(cfg.rewards, self.device, cfg.model.trust_remote_code) if cfg.rewards else None
-        self.judge = import_callable(cfg.judge) if cfg.judge else None
+        self.judge = CallableJudge(cfg.judge) if cfg.judge else None
 
     def score(self, records: list, batch: SampledBatch) -> tuple[torch.Tensor | None, list[str], list[str]]:
         """(rewards with `generation.missing_eos_penalty`, or None with only a judge; prompts; completions)."""
@@ -164,7 +164,7 @@ class OnlinePairwiseTrainer(PolicySession):
 
     def judged(self, prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
         """The judge's P(a > b) per pair (B,)."""
-        return torch.tensor(list(self.judge(prompts, a, b)), dtype=torch.float32, device=self.device)
+        return self.judge(prompts, a, b).to(self.device)
 
     def labels(self, scores, prompts, texts) -> tuple[torch.Tensor, torch.Tensor]:
         """online_dpo: (a_wins, keep) per pair; reward ties carry no label and are dropped."""
