@@ -154,3 +154,15 @@ def test_lora_reference_runs_in_eval_mode_inside_a_training_policy(tiny):
     with reference_context(policy) as ref:
         torch.testing.assert_close(logps_of(ref), logps_of(base), rtol=0, atol=1e-6)
     assert policy.training and all(m.training for m in policy.modules())  # train mode is restored
+
+
+def test_loading_and_saving_show_no_transformers_bars(tiny, tmp_path, capfd):
+    """transformers' "Loading weights" / "Writing model shards" bars are not ours to show; a caller's
+    own setting of them is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()
+    save_model(load_policy(tiny["llama"]), None, tmp_path / "saved")
+    load_reward_model(tiny["rm"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()

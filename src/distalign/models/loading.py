@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .quiet import new_weights_line, quiet_loading
+from .quiet import new_weights_line, no_transformers_bars, quiet_loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
@@ -308,7 +308,8 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = Fals
             raise ValueError("save_model: merge=True cannot merge a sharded model's gathered state")
         model = copy.deepcopy(model).merge_and_unload()
     extra = {} if state_dict is None else {"state_dict": state_dict}
-    model.save_pretrained(str(out), safe_serialization=True, **extra)
+    with no_transformers_bars():
+        model.save_pretrained(str(out), safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

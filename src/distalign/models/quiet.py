@@ -1,6 +1,7 @@
 """What loading a model prints: one plain line for weights the checkpoint did not hold, instead of
-transformers' ANSI "LOAD REPORT" table, and no FutureWarning for PEFT's use of the deprecated
-`is_gradient_checkpointing` (our own calls use the current names)."""
+transformers' ANSI "LOAD REPORT" table, no FutureWarning for PEFT's use of the deprecated
+`is_gradient_checkpointing` (our own calls use the current names), and none of transformers' own
+progress bars ("Loading weights", "Writing model shards": sub-second bars between our run's lines)."""
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,26 @@ class _DropLoadReport(logging.Filter):
 
 
 @contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Inside: transformers' tqdm bars are off (restored after, as the caller had them)."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Inside: transformers' load report and PEFT's deprecation warning are not shown."""
+    """Inside: transformers' load report, its bars and PEFT's deprecation warning are not shown."""
     logger = logging.getLogger("transformers.modeling_utils")
     report_filter = _DropLoadReport()
     logger.addFilter(report_filter)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_transformers_bars():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             yield
     finally:
