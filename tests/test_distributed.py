@@ -117,6 +117,23 @@ def test_check_launch_reads_the_launcher_command_line(monkeypatch):
     check_launch(["accelerate", "launch", "--num_processes", "2", "--multi_gpu"])
 
 
+def test_check_launch_reads_the_process_count_from_the_accelerate_config(monkeypatch, tmp_path):
+    """`accelerate launch --config_file F` with `num_processes: 2` in F (or in accelerate's default
+    config) that started one process: refused, naming the file; the command-line flag wins over it."""
+    from distalign.training.common import LaunchError, check_launch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    config = tmp_path / "two.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 2\n")
+    with pytest.raises(LaunchError, match=f"accelerate launch with {config} \\(num_processes: 2\\) started a single"):
+        check_launch(["accelerate", "launch", "--config-file", str(config), "-m", "distalign"])
+    check_launch(["accelerate", "launch", "--config_file", str(config), "--num_processes", "1", "-m", "distalign"])
+    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(config))
+    with pytest.raises(LaunchError, match="torchrun --nproc_per_node 2"):
+        check_launch(["accelerate", "launch", "-m", "distalign"])
+    check_launch(["accelerate", "launch", "--config_file", str(tmp_path / "missing.yaml"), "-m", "distalign"])
+
+
 def fsdp_launch(out: Path, *overrides: str, world_dir: Path) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (2 processes; on CPU over gloo)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

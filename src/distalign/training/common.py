@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -123,22 +124,37 @@ def require_single_process(what: str) -> None:
                           "(WORLD_SIZE); start it without torchrun / accelerate launch")
 
 
-def _launcher_num_processes(cmdline: list[str]) -> int:
-    """The --num_processes / --num-processes value on an `accelerate launch` command line, else 1."""
+def _flag_value(cmdline: list[str], name: str) -> str | None:
+    """The value of `--name` (underscore or dash spelling, `--flag v` or `--flag=v`) on a command line."""
     for i, arg in enumerate(cmdline):
-        for flag in ("--num_processes", "--num-processes"):
+        for flag in (f"--{name}", f"--{name.replace('_', '-')}"):
             if arg == flag and i + 1 < len(cmdline):
-                value = cmdline[i + 1]
-            elif arg.startswith(flag + "="):
-                value = arg.split("=", 1)[1]
-            else:
-                continue
-            return int(value) if value.isdigit() else 1
-    return 1
+                return cmdline[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _launcher_num_processes(cmdline: list[str]) -> tuple[int, str]:
+    """(processes asked for, where) by an `accelerate launch` command line: its --num_processes, else
+    `num_processes` in its --config_file (or accelerate's default config file), else 1."""
+    value = _flag_value(cmdline, "num_processes")
+    if value is not None:
+        return (int(value) if value.isdigit() else 1), f"accelerate launch --num_processes {value}"
+    config = _flag_value(cmdline, "config_file")
+    if config is None:
+        from accelerate.commands.config import default_config_file
+        config = default_config_file
+    try:
+        settings = yaml.safe_load(Path(config).read_text()) or {}
+        asked = int(settings.get("num_processes", 1)) if isinstance(settings, dict) else 1
+    except (OSError, ValueError, TypeError, yaml.YAMLError):  # no file, or accelerate's own problem to report
+        return 1, ""
+    return asked, f"accelerate launch with {config} (num_processes: {asked})"
 
 
 def check_launch(parent_cmdline: list[str] | None = None) -> None:
-    """Refuse `accelerate launch --num_processes N` (N > 1) that started one process.
+    """Refuse an `accelerate launch` asked for N > 1 processes (flag or config file) that started one.
 
     Without `--multi_gpu`, accelerate 1.x runs its single-process launcher on a machine without
     GPUs, whatever --num_processes says; the one process sees ACCELERATE_* variables but no
@@ -152,12 +168,11 @@ def check_launch(parent_cmdline: list[str] | None = None) -> None:
         except OSError:  # not Linux: nothing to read the launcher's arguments from
             return
         parent_cmdline = raw.decode(errors="replace").split("\0")
-    asked = _launcher_num_processes(parent_cmdline)
+    asked, where = _launcher_num_processes(parent_cmdline)
     if asked > 1:
-        raise LaunchError(f"accelerate launch --num_processes {asked} started a single process (without "
-                          f"--multi_gpu accelerate uses its one-process launcher); add --multi_gpu (on CPU "
-                          f"the processes form a gloo group) or run torchrun --nproc_per_node {asked} -m "
-                          "distalign ...")
+        raise LaunchError(f"{where} started a single process (without --multi_gpu accelerate uses its "
+                          f"one-process launcher); add --multi_gpu (on CPU the processes form a gloo group) or "
+                          f"run torchrun --nproc_per_node {asked} -m distalign ...")
 
 
 def average_gradients(model: torch.nn.Module, accelerator) -> None:
