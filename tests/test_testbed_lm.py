@@ -15,12 +15,17 @@ from distalign.testbed.lm_data import (
     oracle_win_rate,
     preference_pairs,
     prompt_rows,
+    world_logprob_reward,
     write_world_datasets,
 )
 from distalign.testbed.lm_policy import (
+    exact_win_rate,
     hf_policy_logprob_fn,
+    kl_from_enumerated,
     kl_policy_to_target,
     kl_target_to_policy,
+    mass_off_support,
+    target_logps,
     world_tokenizer,
 )
 
@@ -237,3 +242,58 @@ def test_hf_policy_callback_matches_token_by_token(small_world):
     estimate = kl_target_to_policy(small_world, fn)
     assert estimate.exact and estimate.n_scored == 2 * 39
     assert math.isfinite(estimate.value) and estimate.value > 0
+
+
+def _model_table(world, model) -> torch.Tensor:
+    return torch.stack([enumerated_logps(model, x, world)[1] for x in range(len(world.prompts))])
+
+
+def test_exact_win_rate_is_the_double_sum_over_responses(small_world):
+    """W = mean_x [sum_a sum_b p(a) q(b) P*(a > b) + |p| q_off + p_off q_off / 2], summed here pair by pair;
+    the policy leaks 30% of its mass off pi*'s support, which loses against text on it and ties with itself."""
+    world = small_world
+    leaky = _model_table(world, world.reference) + math.log(0.7)
+    base = _model_table(world, world.target)
+    target = target_logps(world)
+    p_in, p_off, q_off = 0.7, 0.3, 0.0          # pi* has no mass off its own support
+    expected = 0.0
+    for x in range(len(world.prompts)):
+        total = 0.0
+        for a in range(target.shape[1]):
+            for b in range(target.shape[1]):
+                prefers = 1.0 / (1.0 + math.exp(-world.gamma * float(target[x, a] - target[x, b])))
+                total += math.exp(leaky[x, a]) * math.exp(base[x, b]) * prefers
+        expected += total + p_in * q_off + 0.5 * p_off * q_off
+    expected /= len(world.prompts)
+    assert exact_win_rate(world, leaky, base) == pytest.approx(expected, abs=1e-12)
+    # against a leaky baseline the in-support mass of the policy wins the baseline's off-support 30%
+    rate = exact_win_rate(world, base, leaky)
+    assert rate == pytest.approx(1.0 - expected, abs=1e-12)
+    assert exact_win_rate(world, leaky, leaky) == pytest.approx(0.5, abs=1e-12)
+    assert mass_off_support(leaky) == pytest.approx(0.3, abs=1e-12) and mass_off_support(base) < 1e-12
+    assert kl_from_enumerated(world, base).value == pytest.approx(0.0, abs=1e-12)
+
+
+def test_exact_win_rate_agrees_with_sampled_oracle_win_rate(world):
+    prompts = [world.prompts[i % 8] for i in range(20000)]
+    ours = world.sample_text(prompts, seed=11, model="target")
+    theirs = world.sample_text(prompts, seed=12, model="reference")
+    rate, stderr = oracle_win_rate(world, prompts, ours, theirs)
+    exact = exact_win_rate(world, _model_table(world, world.target), _model_table(world, world.reference))
+    assert abs(rate - exact) < 4 * stderr and exact > 0.5
+
+
+def test_world_logprob_reward_is_gamma_log_pi_star_through_the_reward_config(tmp_path):
+    from distalign.rewards import build_reward
+    from distalign.config.online import RewardSpec
+    world = LMWorld.create(seed=2, n_words=4, max_len=3, n_prompts=2, gamma=2.0)
+    world.save(tmp_path / "world.json")
+    prompts = [world.prompts[0], world.prompts[1], world.prompts[0]]
+    texts = world.sample_text(prompts[:2], seed=1) + ["ka ka ka ka"]        # the last one is too long
+    values = world_logprob_reward(prompts, texts, world=str(tmp_path / "world.json"), invalid_reward=-7.0)
+    expected = (2.0 * world.logprob(prompts[:2], texts[:2])).tolist() + [-7.0]
+    assert values == pytest.approx(expected, abs=1e-12)
+    spec = RewardSpec(kind="callable", path="distalign.testbed.lm_data:world_logprob_reward",
+                      kwargs={"world": str(tmp_path / "world.json")})
+    scores = build_reward([spec])(prompts, texts, [{}, {}, {}])
+    assert scores.tolist() == pytest.approx(expected[:2] + [-30.0], abs=1e-5)

@@ -156,8 +156,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.sweep:
+        from distalign.demo.methods import VALIDATION_SEED
+        from distalign.demo.sweep import run_sweep
+        run_sweep(out_dir=args.out, quick=args.quick, seed=VALIDATION_SEED if args.seed is None else args.seed)
+        return 0
     from distalign.demo import run_demo
-    run_demo(out_dir=args.out, quick=args.quick, seed=args.seed)
+    run_demo(out_dir=args.out, quick=args.quick, seed=0 if args.seed is None else args.seed)
     return 0
 
 
@@ -187,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the embedded world, train every method, evaluate, write a report")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="world, data and initialisation seed (default 0; with --sweep the validation seed, 1)")
+    p.add_argument("--sweep", action="store_true",
+                   help="choose each row's coefficient instead: train every setting of its grid on the validation "
+                        "seed and write sweep.json (the record behind the demo's settings)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", formatter_class=raw,

@@ -1,7 +1,11 @@
-"""The demo's evaluation: the same four numbers for every model, three of them against exact truth."""
-from __future__ import annotations
+"""The demo's evaluation: the same numbers for every model, most of them against exact truth.
 
-import math
+Exact (by enumerating every response of the world): KL(pi*||pi), the mass pi puts outside pi*'s support,
+and the oracle win-rate against SFT, W = E P*(y > y_sft). Estimated on samples, as the literature does:
+the same win-rate on one sample of each side (+- its standard error), the reward model's score and
+KL(pi||pi_sft) on the model's own samples.
+"""
+from __future__ import annotations
 
 import torch
 
@@ -11,22 +15,28 @@ from distalign.evaluation import (kl_to_reference, mean_stderr, oracle_winrate, 
 from distalign.models import load_policy, load_reward_model, load_tokenizer
 from distalign.testbed.lm import LMWorld
 from distalign.testbed.lm_data import oracle_judge, preference_pairs
-from distalign.testbed.lm_policy import hf_policy_logprob_fn, kl_target_to_policy
+from distalign.testbed.lm_policy import (enumerated_logps, exact_win_rate, hf_policy_logprob_fn,
+                                         kl_from_enumerated, mass_off_support, target_logps)
 
 TARGET = "pi* (target)"
 
 
-def _row(world, prompts, texts, prompt_ids, response_ids, policy, sft, sft_texts, rm, tokenizer) -> dict:
-    judge = oracle_judge(world)
-    win = oracle_winrate(prompts, texts, sft_texts, judge)
+def exact_metrics(world: LMWorld, logps: torch.Tensor, sft_logps: torch.Tensor) -> dict:
+    """The exact columns from a model's enumerated log-probs (`enumerated_logps`) and SFT's."""
+    return {"kl_target_to_policy": kl_from_enumerated(world, logps).value,
+            "off_support_mass": mass_off_support(logps),
+            "win_rate_exact": exact_win_rate(world, logps, sft_logps)}
+
+
+def _sampled(world, prompts, texts, prompt_ids, response_ids, policy, sft, sft_texts, rm, tokenizer) -> dict:
+    win = oracle_winrate(prompts, texts, sft_texts, oracle_judge(world))
     rm_mean, rm_err = mean_stderr(reward_scores(rm, tokenizer, prompts, texts, batch_size=256))
     pad = tokenizer.pad_token_id
     own = response_logps(policy, prompt_ids, response_ids, pad, batch_size=256) if policy is not None \
         else world.logprob(prompts, texts).float()
     kl_ref = kl_to_reference(own, response_logps(sft, prompt_ids, response_ids, pad, batch_size=256))
-    return {"win_rate_vs_sft": win.rate, "win_rate_stderr": win.stderr, "rm_score": rm_mean,
-            "rm_score_stderr": rm_err, "kl_to_sft": kl_ref["kl"], "kl_to_sft_stderr": kl_ref["kl_stderr"],
-            "off_support": sum(math.isinf(v) for v in world.logprob(prompts, texts).tolist()) / len(texts)}
+    return {"win_rate_vs_sft": win.rate, "win_rate_vs_sft_stderr": win.stderr, "rm_score": rm_mean,
+            "rm_score_stderr": rm_err, "kl_to_sft": kl_ref["kl"], "kl_to_sft_stderr": kl_ref["kl_stderr"]}
 
 
 def reward_model_accuracy(world: LMWorld, rm, tokenizer, n: int, seed: int) -> float:
@@ -40,6 +50,11 @@ def reward_model_accuracy(world: LMWorld, rm, tokenizer, n: int, seed: int) -> f
     return ((ra > rb) == truth).float().mean().item()
 
 
+def model_logps(world: LMWorld, path: str, tokenizer) -> torch.Tensor:
+    """A saved policy's enumerated log-probs (the sweep's only evaluation)."""
+    return enumerated_logps(world, hf_policy_logprob_fn(load_policy(path).eval(), tokenizer))
+
+
 def evaluate_models(world: LMWorld, models: dict, tokenizer_dir, settings) -> dict:
     """{model name: metrics}; the SFT model is the baseline of win-rates and the KL reference."""
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -47,6 +62,7 @@ def evaluate_models(world: LMWorld, models: dict, tokenizer_dir, settings) -> di
     sample = dict(max_new_tokens=world.max_len + 1, temperature=1.0, batch_size=256)
     sft = load_policy(models["sft"]).eval()
     sft_texts = sample_responses(sft, tokenizer, prompts, seed=settings.seed + 100, **sample).texts
+    sft_logps = enumerated_logps(world, hf_policy_logprob_fn(sft, tokenizer))
     rm = load_reward_model(models["reward_model"]).eval()
     results = {}
     for name, path in models.items():
@@ -54,13 +70,13 @@ def evaluate_models(world: LMWorld, models: dict, tokenizer_dir, settings) -> di
             continue
         policy = sft if name == "sft" else load_policy(path).eval()
         drawn = sample_responses(policy, tokenizer, prompts, seed=settings.seed + 200, **sample)
-        row = _row(world, prompts, drawn.texts, drawn.prompts_ids, drawn.responses_ids, policy, sft, sft_texts, rm,
-                   tokenizer)
-        row["kl_target_to_policy"] = kl_target_to_policy(world, hf_policy_logprob_fn(policy, tokenizer)).value
-        results[name] = row
+        row = _sampled(world, prompts, drawn.texts, drawn.prompts_ids, drawn.responses_ids, policy, sft,
+                       sft_texts, rm, tokenizer)
+        logps = sft_logps if name == "sft" else enumerated_logps(world, hf_policy_logprob_fn(policy, tokenizer))
+        results[name] = {**row, **exact_metrics(world, logps, sft_logps)}
     target_texts = world.sample_text(prompts, seed=settings.seed + 300, model="target")
-    target = _row(world, prompts, target_texts, tokenize_prompts(prompts, tokenizer),
-                  tokenize_responses(target_texts, tokenizer), None, sft, sft_texts, rm, tokenizer)
-    results[TARGET] = {**target, "kl_target_to_policy": 0.0}
+    target = _sampled(world, prompts, target_texts, tokenize_prompts(prompts, tokenizer),
+                      tokenize_responses(target_texts, tokenizer), None, sft, sft_texts, rm, tokenizer)
+    results[TARGET] = {**target, **exact_metrics(world, target_logps(world), sft_logps)}
     results["_reward_model_accuracy"] = reward_model_accuracy(world, rm, tokenizer, 1000, settings.seed + 400)
     return results

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,10 @@ from distalign.training.online import train_online
 from distalign.training.online_pairwise import train_online_pairwise
 
 from .evaluate import evaluate_models
+from .methods import PAIRWISE_ONLINE, Row, chosen_by, chosen_settings, row_overrides, rows
 from .report import write_outputs
+
+ORACLE_REWARD = "distalign.testbed.lm_data:world_logprob_reward"
 
 
 @dataclass
@@ -39,39 +42,17 @@ class DemoSettings:
     batch_size: int = 32
     eval_samples_per_prompt: int = 128
     methods: tuple[str, ...] = ("dpo", "cpo", "pmle", "online_distill", "rebel", "ppo", "reverse_kl", "grpo")
-    extra: dict = field(default_factory=dict)
+    oracle_rows: bool = True        # every online method once more with the oracle reward gamma log pi*
+    variant: str = "full"           # whose swept settings (`methods.CHOSEN`) the rows use
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSettings:
         return cls(seed=seed, n_words=5, max_len=3, n_prompts=4, n_sft=2000, n_pairs=1000, hidden_size=32,
                    sft_steps=200, pair_steps=80, reward_steps=80, online_steps=30, batch_size=32,
-                   eval_samples_per_prompt=64)
+                   eval_samples_per_prompt=64, variant="quick")
 
 
-# Per-method settings on top of the shared ones. Offline methods use the preference pairs; online
-# methods sample from the policy and are scored by the learned reward model, as in seed 001 §6.
-OFFLINE = {
-    "dpo": ["loss.beta=0.1"],
-    "cpo": ["loss.beta=0.1", "loss.variant=full", "loss.margin=0.0"],
-    "pmle": ["loss.gamma=1.0"],
-    "ipo": ["loss.beta=0.5"],
-    "simpo": ["loss.beta=2.0", "loss.margin=0.2"],
-}
-ONLINE = {
-    # The reward model learns R ~ log pi*(y|x) + c(x). Reverse KL with beta + gamma = 1 then targets
-    # pi_sft^beta * pi*; RLHF with beta targets pi_sft * pi*^(1/beta), sharper than pi* for beta < 1.
-    "reverse_kl": ["loss.kl_coef=0.2", "loss.entropy_coef=0.8", "generation.missing_eos_penalty=-2.0"],
-    "ppo": ["loss.kl_coef=0.3", "update_epochs=2", "generation.missing_eos_penalty=-2.0"],
-    "grpo": ["loss.kl_coef=0.3", "generation.missing_eos_penalty=-2.0"],
-    "rloo": ["loss.kl_coef=0.3", "generation.missing_eos_penalty=-2.0"],
-    # seed 001 Algorithm 1 on two fresh samples per prompt, soft labels from the reward model
-    "online_distill": ["loss.gamma=1.0", "loss.kl_coef=0.05", "generation.num_samples=2"],
-    "rebel": ["loss.eta=1.0", "loss.kl_coef=0.05", "generation.num_samples=2", "update_epochs=2"],
-}
-PAIRWISE_ONLINE = ("online_distill", "rebel")
-
-
-def _world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]:
+def build_world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]:
     world = LMWorld.create(seed=settings.seed, n_words=settings.n_words, max_len=settings.max_len,
                            n_prompts=settings.n_prompts)
     data = out / "data"
@@ -88,7 +69,7 @@ def _world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]:
                      vocab_size=len(tokenizer), max_position_embeddings=64, seed=settings.seed,
                      tokenizer_dir=out / "tokenizer")
     return world, {"sft": data / "sft.jsonl", "pairs": data / "pairs.jsonl", "prompts": data / "prompts.jsonl",
-                   "base": base}
+                   "base": base, "world": data / "world.json"}
 
 
 def _common(settings: DemoSettings, out: Path, name: str, steps: int) -> list[str]:
@@ -97,40 +78,57 @@ def _common(settings: DemoSettings, out: Path, name: str, steps: int) -> list[st
             "data.max_prompt_length=16", "data.max_length=32"]
 
 
-def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> dict[str, str]:
-    """Train SFT, the reward model and every method; returns {name: final model folder}."""
+def train_base(settings: DemoSettings, out: Path, files: dict, log: Callable) -> dict[str, str]:
+    """SFT on pi0's samples, then the Bradley-Terry reward model from the SFT model; {name: model folder}."""
     models: dict[str, str] = {}
-
-    def offline(method: str, name: str, init: str, data: str, steps: int, lr: float, extra=()) -> str:
-        log(f"[{len(models) + 1}] {name}")
-        cfg = load_config(OfflineConfig, None, [f"method={method}", f"model.name_or_path={init}",
-                                                f"data.train={data}", f"optim.learning_rate={lr}",
-                                                "optim.warmup_steps=5", *_common(settings, out, name, steps),
-                                                *extra])
-        return train_offline(cfg, log=lambda *a: None)["final_model"]
-
-    models["sft"] = offline("sft", "sft", files["base"], files["sft"], settings.sft_steps, 3e-3)
-    models["reward_model"] = offline("reward", "reward_model", models["sft"], files["pairs"],
-                                     settings.reward_steps, 1e-3, ["loss.l2=0.001"])
-    for method in settings.methods:
-        if method in OFFLINE:
-            models[method] = offline(method, method, models["sft"], files["pairs"], settings.pair_steps, 1e-3,
-                                     OFFLINE[method])
-        elif method in ONLINE:
-            log(f"[{len(models) + 1}] {method}")
-            schema, trainer = ((OnlinePairwiseConfig, train_online_pairwise) if method in PAIRWISE_ONLINE
-                               else (OnlineConfig, train_online))
-            cfg = load_config(schema, None, [
-                f"method={method}", f"model.name_or_path={models['sft']}", f"data.train={files['prompts']}",
-                f"rewards=[{{kind: model, path: '{models['reward_model']}'}}]", "optim.learning_rate=1e-3",
-                "generation.temperature=1.0", f"generation.max_new_tokens={settings.max_len + 1}",
-                "generation.num_samples=4", *ONLINE[method], f"train.batch_size={settings.n_prompts}",
-                *[o for o in _common(settings, out, method, settings.online_steps)
-                  if "batch_size" not in o and "data.max_length" not in o]])  # prompts have no response
-            models[method] = trainer(cfg, log=lambda *a: None)["final_model"]
-        else:
-            raise ValueError(f"demo: unknown method {method!r}; valid: {sorted({**OFFLINE, **ONLINE})}")
+    log("[1] sft")
+    models["sft"] = _offline(settings, out, "sft", "sft", files["base"], files["sft"], settings.sft_steps, 3e-3)
+    log("[2] reward_model")
+    models["reward_model"] = _offline(settings, out, "reward", "reward_model", models["sft"], files["pairs"],
+                                      settings.reward_steps, 1e-3, ["loss.l2=0.001"])
     return models
+
+
+def _offline(settings, out, method, name, init, data, steps, lr, extra=()) -> str:
+    cfg = load_config(OfflineConfig, None, [f"method={method}", f"model.name_or_path={init}", f"data.train={data}",
+                                            f"optim.learning_rate={lr}", "optim.warmup_steps=5",
+                                            *_common(settings, out, name, steps), *extra])
+    return train_offline(cfg, log=lambda *a: None)["final_model"]
+
+
+def train_row(settings: DemoSettings, out: Path, files: dict, base: dict, row: Row, swept: list[str],
+              folder: str | None = None) -> str:
+    """Train one row from the SFT start with its fixed settings and the swept ones; returns the model folder."""
+    extra = row_overrides(row, swept)
+    name = folder or row.folder
+    if row.reward == "pairs":
+        return _offline(settings, out, row.method, name, base["sft"], files["pairs"], settings.pair_steps, 1e-3,
+                        extra)
+    reward = (f"{{kind: model, path: '{base['reward_model']}'}}" if row.reward == "model" else
+              f"{{kind: callable, path: '{ORACLE_REWARD}', kwargs: {{world: '{Path(files['world']).resolve()}'}}}}")
+    schema, trainer = ((OnlinePairwiseConfig, train_online_pairwise) if row.method in PAIRWISE_ONLINE
+                       else (OnlineConfig, train_online))
+    cfg = load_config(schema, None, [
+        f"method={row.method}", f"model.name_or_path={base['sft']}", f"data.train={files['prompts']}",
+        f"rewards=[{reward}]", "optim.learning_rate=1e-3", "generation.temperature=1.0",
+        f"generation.max_new_tokens={settings.max_len + 1}", "generation.num_samples=4", *extra,
+        f"train.batch_size={settings.n_prompts}",
+        *[o for o in _common(settings, out, name, settings.online_steps)
+          if "batch_size" not in o and "data.max_length" not in o]])  # prompts have no response
+    return trainer(cfg, log=lambda *a: None)["final_model"]
+
+
+def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> tuple[dict[str, str], dict]:
+    """Train SFT, the reward model and every row with its chosen settings; returns ({name: final model
+    folder}, {row name: the overrides it ran with})."""
+    models = train_base(settings, out, files, log)
+    used = {}
+    for row in rows(settings.methods, settings.oracle_rows):
+        log(f"[{len(models) + 1}] {row.name}")
+        swept = chosen_settings(settings.variant, row)
+        models[row.name] = train_row(settings, out, files, models, row, swept)
+        used[row.name] = row_overrides(row, swept)
+    return models, used
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,
@@ -144,14 +142,16 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log(f"distalign demo ({'quick' if quick else 'full'}): outputs in {out}")
-    world, files = _world_files(settings, out)
+    world, files = build_world_files(settings, out)
     log(f"world: {len(world.words)} words, responses up to {world.max_len} words, {len(world.prompts)} prompts; "
         f"tiny Llama hidden {settings.hidden_size}")
-    models = train_all(settings, out, files, log)
+    models, used = train_all(settings, out, files, log)
     log("evaluating every model against the exact target ...")
     results = evaluate_models(world, models, out / "tokenizer", settings)
     elapsed = time.perf_counter() - start
-    table = write_outputs(out, results, settings=asdict(settings), elapsed=elapsed)
+    record = {**asdict(settings), "row_settings": used, "settings_chosen_by": chosen_by(settings.variant)}
+    groups = {row.name: row.group for row in rows(settings.methods, settings.oracle_rows)}
+    table = write_outputs(out, results, settings=record, elapsed=elapsed, groups=groups)
     log("\n" + table)
     log(f"\nwall time {elapsed:.0f} s; table, plot and report in {out}")
     (out / "models.json").write_text(json.dumps({k: str(v) for k, v in models.items()}, indent=2))

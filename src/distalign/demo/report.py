@@ -1,12 +1,16 @@
-"""Demo outputs: a markdown table (printed and saved), results.json, a win-rate vs KL plot, a report."""
+"""Demo outputs: a markdown table (printed and saved), results.json, a two-panel plot, a report."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-COLUMNS = [("win_rate_vs_sft", "win-rate vs SFT (oracle)"), ("rm_score", "RM score"),
-           ("kl_to_sft", "KL(π‖π_sft)"), ("kl_target_to_policy", "exact KL(π*‖π)"),
-           ("off_support", "samples outside π*'s support")]
+from .claims import check_claims
+from .plot import plot
+
+COLUMNS = [("win_rate_exact", "win-rate vs SFT (exact)"), ("win_rate_vs_sft", "win-rate vs SFT (sampled)"),
+           ("rm_score", "RM score"), ("kl_to_sft", "KL(π‖π_sft)"), ("kl_target_to_policy", "exact KL(π*‖π)"),
+           ("off_support_mass", "mass off π*'s support")]
+REFERENCE_GROUP = "start and target"
 
 
 def _cell(row: dict, key: str) -> str:
@@ -16,65 +20,52 @@ def _cell(row: dict, key: str) -> str:
     return f"{value:.3f} ± {err:.3f}" if err is not None and err == err else f"{value:.3f}"
 
 
-def markdown_table(results: dict) -> str:
-    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
-    for name, row in results.items():
-        if not name.startswith("_"):
-            lines.append(f"| {name} | " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+def markdown_table(results: dict, groups: dict[str, str] | None = None) -> str:
+    """One line a model; with `groups` ({name: group}) each group under a header line of its own."""
+    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    current = None
     for name, row in results.items():
         if name.startswith("_"):
             continue
-        ax.errorbar(row["kl_to_sft"], row["win_rate_vs_sft"], xerr=row["kl_to_sft_stderr"],
-                    yerr=row["win_rate_stderr"], fmt="o", capsize=3)
-        ax.annotate(name, (row["kl_to_sft"], row["win_rate_vs_sft"]), textcoords="offset points", xytext=(5, 4))
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("KL(π ‖ π_sft) on the model's own samples (nats)")
-    ax.set_ylabel("win-rate against SFT (exact oracle P*)")
-    ax.set_title("distalign demo: every method from the same SFT start")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        group = None if groups is None else groups.get(name, REFERENCE_GROUP)
+        if group is not None and group != current:
+            lines.append(f"| *{group}* |" + " |" * len(COLUMNS))
+            current = group
+        lines.append(f"| {name} | " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def ordered(results: dict, groups: dict[str, str]) -> dict:
+    """The results with the reference rows first, then each group in its first appearance's order."""
+    order = list(dict.fromkeys([REFERENCE_GROUP, *groups.values()]))
+    names = sorted((n for n in results if not n.startswith("_")),
+                   key=lambda n: order.index(groups.get(n, REFERENCE_GROUP)))
+    return {**{n: results[n] for n in names}, **{k: v for k, v in results.items() if k.startswith("_")}}
 
 
 def _findings(results: dict) -> list[str]:
-    rows = {k: v for k, v in results.items() if not k.startswith("_") and k not in ("sft", "pi* (target)")}
-    closest = min(rows, key=lambda k: rows[k]["kl_target_to_policy"])
-    best_win = max(rows, key=lambda k: rows[k]["win_rate_vs_sft"])
-    sft_kl = results["sft"]["kl_target_to_policy"]
-    lines = [f"- Closest to the target (exact KL(π*‖π)): **{closest}** "
-             f"({rows[closest]['kl_target_to_policy']:.3f}, SFT starts at {sft_kl:.3f}).",
-             f"- Highest oracle win-rate against SFT: **{best_win}** ({rows[best_win]['win_rate_vs_sft']:.3f}; "
-             f"π* itself reaches {results['pi* (target)']['win_rate_vs_sft']:.3f})."]
-    worse = [k for k, v in rows.items() if v["kl_target_to_policy"] > sft_kl]
-    if worse:
-        lines.append(f"- Further from π* than SFT: {', '.join(worse)} (reward over-optimisation or too few steps).")
-    lines.append(f"- Reward model agrees with π*'s preference on {results['_reward_model_accuracy']:.1%} of fresh pairs.")
-    lines.append("- The oracle's win-rate rewards responses that π* finds likely, so a policy sharper than π* "
-                 "(RLHF with small β) can beat π* itself on win-rate while being far from it in KL(π*‖π); "
-                 "a large KL(π*‖π) means the policy gives almost no mass to responses π* produces.")
+    lines = [f"- {'holds' if holds else 'DOES NOT HOLD'}: {text}" for text, holds in check_claims(results)]
+    lines.append(f"- Reward model agrees with π*'s preference on {results['_reward_model_accuracy']:.1%} of fresh "
+                 "pairs.")
     return lines
 
 
-def write_outputs(out: Path, results: dict, settings: dict, elapsed: float) -> str:
-    table = markdown_table(results)
+def write_outputs(out: Path, results: dict, settings: dict, elapsed: float,
+                  groups: dict[str, str] | None = None) -> str:
+    groups = groups or {}
+    results = ordered(results, groups)
+    table = markdown_table(results, groups)
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "settings": settings,
+    (out / "results.json").write_text(json.dumps({"results": results, "groups": groups, "settings": settings,
                                                   "wall_time_s": elapsed}, indent=2))
-    plot(results, out / "winrate_vs_kl.png")
+    plot(results, groups, out / "winrate_vs_kl.png")
     report = ["# distalign demo report", "",
               "Every method starts from the same SFT model (trained on samples of the reference π0) and is "
-              "evaluated against the world's exact target π*: win-rate against SFT judged by the exact "
-              "preference P*(a ≻ b) = σ(γ(log π*(a) − log π*(b))), the learned reward model's score, KL to "
-              "the SFT model on the method's own samples, and the exact KL(π*‖π) by enumerating every response.",
+              "evaluated against the world's exact target π*. Exact, by enumerating every response: the win-rate "
+              "against SFT under the oracle preference P*(a ≻ b) = σ(γ(log π*(a) − log π*(b))), KL(π*‖π) and the "
+              "mass π puts outside π*'s support. On samples (± one standard error): the same win-rate from one "
+              "sample of each side, the learned reward model's score and KL(π‖π_sft) on the model's own samples. "
+              "Online methods appear twice: scored by the learned reward model and by the oracle reward γ log π*.",
               "", table, "", "![win-rate against KL](winrate_vs_kl.png)", "", "## Findings", *_findings(results),
               "", f"Wall time: {elapsed:.0f} s. Settings: `{json.dumps(settings)}`"]
     (out / "report.md").write_text("\n".join(report) + "\n")

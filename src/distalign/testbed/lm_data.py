@@ -20,6 +20,7 @@ optimum pi0^alpha exp(R/(beta+gamma)) = pi* at beta = 0, gamma = 1 (pure entropy
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -135,6 +136,22 @@ def oracle_reward_fn(world: LMWorld, kind: str = "logprob", invalid_reward: floa
     def reward(prompts: list[str], completions: list[str], **row) -> list[float]:
         return oracle_reward(world, prompts, completions, kind, invalid_reward)
     return reward
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_world(path: str) -> LMWorld:
+    return LMWorld.load(path)
+
+
+def world_logprob_reward(prompts: list[str], completions: list[str], *, world: str,
+                         invalid_reward: float = -30.0, **columns) -> list[float]:
+    """The exact reward gamma * log pi*(y|x) of the world saved at `world` (a world.json), as a reward
+    plug-in: `rewards=[{kind: callable, path: 'distalign.testbed.lm_data:world_logprob_reward',
+    kwargs: {world: data/world.json}}]`. It is what a reward model trained on the world's preferences
+    estimates (up to a constant per prompt); text off pi*'s support gets `invalid_reward`."""
+    loaded = _saved_world(str(world))
+    values = loaded.logprob(list(prompts), list(completions)).tolist()
+    return [loaded.gamma * v if math.isfinite(v) else invalid_reward for v in values]
 
 
 def oracle_prefers(world: LMWorld, prompt: str, a: str, b: str) -> float:

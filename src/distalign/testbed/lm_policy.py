@@ -62,19 +62,54 @@ def _score(policy_logprob_fn: PolicyLogprobFn, prompts: list[str], responses: li
     return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1) for p in parts])
 
 
-def _kl_by_enumeration(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, batch_size: int) -> KLEstimate:
+def enumerated_logps(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, batch_size: int = 512) -> Tensor:
+    """log pi(y|x) of every response of the world's space: (X, M) float64, rows in `world.prompts`
+    order, columns in `all_sequences` order."""
+    texts = world.decode(all_sequences(len(world.words), world.max_len))
+    return torch.stack([_score(policy_logprob_fn, [prompt] * len(texts), texts, batch_size)
+                        for prompt in world.prompts])
+
+
+def target_logps(world: LMWorld) -> Tensor:
+    """log pi*(y|x) on the same (X, M) grid as `enumerated_logps`."""
     tokens = all_sequences(len(world.words), world.max_len)
-    texts = world.decode(tokens)
-    per_prompt = []
-    for x, prompt in enumerate(world.prompts):
-        target_logps = world.target.logprob(torch.full((len(tokens),), x), tokens)
-        policy_logps = _score(policy_logprob_fn, [prompt] * len(texts), texts, batch_size)
-        probs = target_logps.exp()
-        zero = torch.zeros((), dtype=torch.float64)
-        terms = torch.where(probs > 0, probs * (target_logps - policy_logps), zero)
-        per_prompt.append(float(terms.sum()))
-    n_scored = len(texts) * len(world.prompts)
-    return KLEstimate(sum(per_prompt) / len(per_prompt), 0.0, True, per_prompt, n_scored)
+    return torch.stack([world.target.logprob(torch.full((len(tokens),), x), tokens)
+                        for x in range(len(world.prompts))])
+
+
+def kl_from_enumerated(world: LMWorld, policy_logps: Tensor) -> KLEstimate:
+    """Exact KL(pi*||pi) from the policy's enumerated log-probs (`enumerated_logps`)."""
+    target = target_logps(world)
+    probs = target.exp()
+    terms = torch.where(probs > 0, probs * (target - policy_logps), torch.zeros((), dtype=torch.float64))
+    per_prompt = terms.sum(1).tolist()
+    return KLEstimate(sum(per_prompt) / len(per_prompt), 0.0, True, per_prompt, policy_logps.numel())
+
+
+def mass_off_support(policy_logps: Tensor) -> float:
+    """E_x pi(text outside pi*'s support | x) = 1 - sum_y pi(y|x) over the enumerated responses."""
+    return float((1.0 - policy_logps.exp().sum(1)).clamp(min=0.0).mean())
+
+
+def exact_win_rate(world: LMWorld, policy_logps: Tensor, baseline_logps: Tensor) -> float:
+    """E_x E_{a ~ pi, b ~ pi_b} P*(a > b | x), exactly, from both policies' enumerated log-probs (X, M).
+
+    P*(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b))) on pi*'s support; text off it loses against
+    any response on it and two off-support texts tie at 1/2 (as `lm_data.oracle_prefers` judges), so
+    W = p' S q + |p| q_off + q_off p_off / 2 per prompt, p, q the in-support probabilities, S the matrix
+    of P*, p_off = 1 - |p|. A policy against itself gets exactly 1/2 (S + S' = 1)."""
+    target = target_logps(world)
+    rates = []
+    for x in range(len(world.prompts)):
+        prefers = torch.sigmoid(world.gamma * (target[x][:, None] - target[x][None, :]))
+        p, q = policy_logps[x].exp(), baseline_logps[x].exp()
+        p_off, q_off = (1.0 - p.sum()).clamp(min=0.0), (1.0 - q.sum()).clamp(min=0.0)
+        rates.append(float(p @ prefers @ q + p.sum() * q_off + 0.5 * p_off * q_off))
+    return sum(rates) / len(rates)
+
+
+def _kl_by_enumeration(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, batch_size: int) -> KLEstimate:
+    return kl_from_enumerated(world, enumerated_logps(world, policy_logprob_fn, batch_size))
 
 
 def _kl_by_sampling(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, per_prompt_n: int, batch_size: int,
