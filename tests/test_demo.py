@@ -11,7 +11,7 @@ import pytest
 from distalign.demo import DemoSettings, run_demo
 from distalign.demo.claims import CLAIMS, check_claims
 from distalign.demo.methods import CHOSEN, GRID, GRID_SIZE, VALIDATION_SEED, rows
-from distalign.demo.plot import merge_coincident, place_labels
+from distalign.demo.plot import merge_coincident, place_labels, text_box
 from distalign.demo.sweep import choose, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_sweep_trains_every_grid_point_and_records_it(tmp_path):
 
 def test_coincident_points_share_a_label_that_says_so():
     merged = merge_coincident([(10.0, 10.0), (12.0, 11.0), (50.0, 10.0)], ["a", "b", "c"])
-    assert merged == [(0, "a = b (same point)"), (2, "c")]
+    assert merged == [(0, "a & b (overlap)"), (2, "c")]
 
 
 def test_labels_do_not_overlap():
@@ -121,7 +121,7 @@ def test_labels_do_not_overlap():
     fig.canvas.draw()
     notes = place_labels(ax, [(p, f"method_{i}") for i, p in enumerate(points)])
     renderer = fig.canvas.get_renderer()
-    boxes = [note.get_window_extent(renderer) for note in notes]
+    boxes = [text_box(note, renderer) for note in notes]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)

@@ -25,6 +25,7 @@ from distalign.testbed.lm_policy import (
     kl_policy_to_target,
     kl_target_to_policy,
     mass_off_support,
+    sampled_win_rate,
     target_logps,
     world_tokenizer,
 )
@@ -297,3 +298,24 @@ def test_world_logprob_reward_is_gamma_log_pi_star_through_the_reward_config(tmp
                       kwargs={"world": str(tmp_path / "world.json")})
     scores = build_reward([spec])(prompts, texts, [{}, {}, {}])
     assert scores.tolist() == pytest.approx(expected[:2] + [-30.0], abs=1e-5)
+
+
+def test_sampled_win_rate_averages_to_the_exact_one(small_world):
+    """Weighting each response's w(y) by pi(y) gives the exact W; pi's samples estimate it within 4 s.e.,
+    and a policy against its own exact distribution reads 1/2."""
+    world = small_world
+    ref, target = _model_table(world, world.reference), _model_table(world, world.target)
+    texts = world.decode(all_sequences(len(world.words), world.max_len))
+    weighted = 0.0
+    for x, prompt in enumerate(world.prompts):
+        scores = [sampled_win_rate(world, [prompt] * 2, [t, t], target)[0] for t in texts]
+        weighted += float(torch.tensor(scores, dtype=torch.float64) @ ref[x].exp())
+    assert weighted / len(world.prompts) == pytest.approx(exact_win_rate(world, ref, target), abs=1e-12)
+    prompts = [world.prompts[i % 2] for i in range(6000)]
+    for model, table in (("reference", ref), ("target", target)):
+        rate, stderr = sampled_win_rate(world, prompts, world.sample_text(prompts, seed=5, model=model), ref)
+        assert abs(rate - exact_win_rate(world, table, ref)) < 4 * stderr
+    off = sampled_win_rate(world, prompts[:2], ["ka ka ka ka ka", "qq"], ref)
+    assert off == pytest.approx((0.0, 0.0), abs=1e-12)          # off the support loses against pi0's text
+    with pytest.raises(ValueError, match="as many responses"):
+        sampled_win_rate(world, prompts[:3], ["ka"], ref)

@@ -2,17 +2,21 @@
 
 One marker shape a row group (learned reward model, oracle reward, offline, start / target), one colour
 a method, so a method's two online rows pair up by colour. Points that coincide share one label that
-says so ("a = b (same point)"); labels are placed so that none overlaps another label or a marker (`place_labels`).
+says so ("a & b (overlap)"); labels are placed so that none overlaps another label or a marker (`place_labels`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 MARKERS = {"offline, preference pairs": "D", "online, learned reward model": "o"}
 ORACLE_MARKER, REFERENCE_MARKER = "s", "*"
-# candidate label offsets in points, tried in order: right, left, above, below, then further out
-OFFSETS = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 9), (0, -17), (14, 12), (14, -20), (-14, 12), (-14, -20),
-           (24, 0), (-24, 0), (0, 22), (0, -30)]
+# candidate label offsets in points, tried in order: next to the marker, then further out on rings (with a
+# leader line back to the marker)
+OFFSETS = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 9), (0, -17)] + [
+    (round(r * math.cos(math.radians(a))), round(r * math.sin(math.radians(a))) - 4)
+    for r in (22, 36, 52) for a in range(0, 360, 30)]
+LEADER = 15         # offsets further than this (points) get a thin line to their marker
 
 
 def _marker(group: str | None) -> str:
@@ -22,8 +26,8 @@ def _marker(group: str | None) -> str:
 
 
 def merge_coincident(points: list[tuple[float, float]], names: list[str], tol: float = 6.0) -> list[tuple[int, str]]:
-    """Points (in display pixels) within `tol` of each other get one label naming them all ("a = b
-    (same point)"), so that no marker hides another unnoticed: [(index of the labelled point, label)]."""
+    """Points (in display pixels) within `tol` of each other get one label naming them all ("a & b
+    (overlap)"), so that no marker hides another unnoticed: [(index of the labelled point, label)]."""
     merged: list[tuple[int, list[str]]] = []
     for i, (point, name) in enumerate(zip(points, names)):
         for first, members in merged:
@@ -32,13 +36,20 @@ def merge_coincident(points: list[tuple[float, float]], names: list[str], tol: f
                 break
         else:
             merged.append((i, [name]))
-    return [(i, members[0] if len(members) == 1 else " = ".join(members) + " (same point)") for i, members in merged]
+    return [(i, members[0] if len(members) == 1 else " & ".join(members) + " (overlap)") for i, members in merged]
 
 
 def _overlap(a, b) -> float:
     width = min(a.x1, b.x1) - max(a.x0, b.x0)
     height = min(a.y1, b.y1) - max(a.y0, b.y0)
     return width * height if width > 0 and height > 0 else 0.0
+
+
+def text_box(note, renderer):
+    """The display box of an annotation's text alone (the annotation's own extent includes its leader line)."""
+    from matplotlib.text import Text
+    note.update_positions(renderer)         # places the text at its offset (done at draw time otherwise)
+    return Text.get_window_extent(note, renderer)
 
 
 def place_labels(ax, labelled: list[tuple[tuple[float, float], str]], fontsize: float = 7.0) -> list:
@@ -52,14 +63,17 @@ def place_labels(ax, labelled: list[tuple[tuple[float, float], str]], fontsize: 
     for point, text in labelled:
         best = None
         for dx, dy in OFFSETS:
+            leader = dict(arrowstyle="-", lw=0.5, color="grey") if math.hypot(dx, dy) > LEADER else None
             note = ax.annotate(text, point, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
-                               ha="left" if dx > 0 else "right" if dx < 0 else "center")
-            box = note.get_window_extent(renderer).expanded(1.05, 1.1)
-            cost = sum(_overlap(box, other) for other in boxes)
-            cost += sum(box.width * box.height for m in markers if box.x0 - 3 < m[0] < box.x1 + 3
-                        and box.y0 - 3 < m[1] < box.y1 + 3)
-            cost += 0.0 if (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
-                            and box.y1 <= frame.y1) else box.width * box.height
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center", arrowprops=leader)
+            box = text_box(note, renderer).expanded(1.05, 1.1)
+            # another label overlapped counts twice its shared area, a marker under the text the text's
+            # area, a text leaving the axes (cut off) ten times that: rather near a marker than cut off
+            area = box.width * box.height
+            cost = 2.0 * sum(_overlap(box, other) for other in boxes)
+            cost += sum(area for m in markers if box.x0 - 3 < m[0] < box.x1 + 3 and box.y0 - 3 < m[1] < box.y1 + 3)
+            inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+            cost += 0.0 if inside else 10.0 * area
             if best is None or cost < best[0]:
                 if best is not None:
                     best[1].remove()
@@ -90,17 +104,23 @@ def plot(results: dict, groups: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     rows = {k: v for k, v in results.items() if not k.startswith("_")}
     methods = list(dict.fromkeys(name.split(" (")[0] for name in rows))
     palette = plt.get_cmap("tab10").colors
     colours = {m: ("black" if m in ("sft", "pi*") else palette[i % len(palette)]) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.2))
-    panels = [("kl_to_sft", "KL(π ‖ π_sft) on the model's own samples (nats, ± s.e.)"),
-              ("kl_target_to_policy", "exact KL(π* ‖ π) (nats, log scale)")]
-    for ax, (x_key, label) in zip(axes, panels):
-        _panel(ax, rows, groups, x_key, colours)
+    panels = [("kl_to_sft", "KL(π ‖ π_sft) on the model's own samples (nats, ± s.e.)", rows),
+              ("kl_target_to_policy", "exact KL(π* ‖ π) (nats, log scale; π* itself is at 0)",
+               {k: v for k, v in rows.items() if v["kl_target_to_policy"] > 0})]
+    for ax, (x_key, label, shown) in zip(axes, panels):
+        _panel(ax, shown, groups, x_key, colours)
         if x_key == "kl_target_to_policy":
-            ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks([t for t in (0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50, 100)
+                           if min(r[x_key] for r in shown.values()) / 1.2 <= t <= 1.2 * max(r[x_key] for r in shown.values())])
             ax.axvline(rows["sft"][x_key], color="grey", lw=0.8, ls="--")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(label)
@@ -108,10 +128,10 @@ def plot(results: dict, groups: dict, path: Path) -> None:
     fig.suptitle("distalign demo: every method from the same SFT start (dashed: SFT's values)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.canvas.draw()
-    for ax, (x_key, _) in zip(axes, panels):   # after the layout, so that label boxes are final
-        points = [tuple(ax.transData.transform((row[x_key], row["win_rate_exact"]))) for row in rows.values()]
-        names = list(rows)
-        place_labels(ax, [((rows[names[i]][x_key], rows[names[i]]["win_rate_exact"]), text)
+    for ax, (x_key, _, shown) in zip(axes, panels):   # after the layout, so that label boxes are final
+        points = [tuple(ax.transData.transform((row[x_key], row["win_rate_exact"]))) for row in shown.values()]
+        names = list(shown)
+        place_labels(ax, [((shown[names[i]][x_key], shown[names[i]]["win_rate_exact"]), text)
                           for i, text in merge_coincident(points, names)])
     handles = [Line2D([], [], marker=REFERENCE_MARKER, color="black", ls="none", ms=9, label="SFT start / π* target"),
                Line2D([], [], marker="D", color="grey", ls="none", label="offline, preference pairs"),

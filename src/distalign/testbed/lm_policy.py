@@ -91,21 +91,43 @@ def mass_off_support(policy_logps: Tensor) -> float:
     return float((1.0 - policy_logps.exp().sum(1)).clamp(min=0.0).mean())
 
 
-def exact_win_rate(world: LMWorld, policy_logps: Tensor, baseline_logps: Tensor) -> float:
-    """E_x E_{a ~ pi, b ~ pi_b} P*(a > b | x), exactly, from both policies' enumerated log-probs (X, M).
+def _wins_against(world: LMWorld, target: Tensor, x: Tensor, own_logps: Tensor, baseline_logps: Tensor) -> Tensor:
+    """w(y) = E_{b ~ pi_b(x)} P*(y > b | x) for responses with log pi*(y|x) = own_logps (-inf off pi*'s
+    support), x (N,) prompt indices: sum_b q(b) P*(y > b) plus the baseline's off-support mass q_off,
+    which text on the support beats and text off it ties with (1/2), as `lm_data.oracle_prefers` judges."""
+    q = baseline_logps[x].exp()                                             # (N, M)
+    q_off = (1.0 - q.sum(1)).clamp(min=0.0)
+    prefers = torch.sigmoid(world.gamma * (own_logps[:, None] - target[x]))   # 0 where own is -inf
+    return (prefers * q).sum(1) + torch.where(torch.isfinite(own_logps), q_off, 0.5 * q_off)
 
-    P*(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b))) on pi*'s support; text off it loses against
-    any response on it and two off-support texts tie at 1/2 (as `lm_data.oracle_prefers` judges), so
-    W = p' S q + |p| q_off + q_off p_off / 2 per prompt, p, q the in-support probabilities, S the matrix
-    of P*, p_off = 1 - |p|. A policy against itself gets exactly 1/2 (S + S' = 1)."""
+
+def exact_win_rate(world: LMWorld, policy_logps: Tensor, baseline_logps: Tensor) -> float:
+    """E_x E_{a ~ pi, b ~ pi_b} P*(a > b | x), exactly, from both policies' enumerated log-probs (X, M):
+    W = sum_a p(a) w(a) + p_off q_off / 2 per prompt (`_wins_against` for w), p_off = 1 - sum_a p(a).
+    A policy against itself gets exactly 1/2 (P*(a > b) + P*(b > a) = 1)."""
     target = target_logps(world)
     rates = []
     for x in range(len(world.prompts)):
-        prefers = torch.sigmoid(world.gamma * (target[x][:, None] - target[x][None, :]))
-        p, q = policy_logps[x].exp(), baseline_logps[x].exp()
-        p_off, q_off = (1.0 - p.sum()).clamp(min=0.0), (1.0 - q.sum()).clamp(min=0.0)
-        rates.append(float(p @ prefers @ q + p.sum() * q_off + 0.5 * p_off * q_off))
+        index = torch.full((target.shape[1],), x)
+        wins = _wins_against(world, target, index, target[x], baseline_logps)
+        p = policy_logps[x].exp()
+        p_off, q_off = (1.0 - p.sum()).clamp(min=0.0), (1.0 - baseline_logps[x].exp().sum()).clamp(min=0.0)
+        rates.append(float(p @ wins + 0.5 * p_off * q_off))
     return sum(rates) / len(rates)
+
+
+def sampled_win_rate(world: LMWorld, prompts: list[str], responses: list[str], baseline_logps: Tensor
+                     ) -> tuple[float, float]:
+    """(W, stderr) from the policy's samples against a baseline known exactly (enumerated log-probs):
+    W = mean_i w(y_i), w_i = E_{b ~ pi_b(x_i)} P*(y_i > b | x_i). Unbiased for the exact win-rate, with the
+    baseline's sampling noise integrated out: a shared baseline sample would shift every model's
+    win-rate by the same chance amount; stderr = sqrt(s^2 / n) of the w_i."""
+    if len(prompts) != len(responses) or len(prompts) < 2:
+        raise ValueError(f"sampled_win_rate: expected as many responses as prompts (at least 2), found "
+                         f"{len(responses)} and {len(prompts)}")
+    wins = _wins_against(world, target_logps(world), world.prompt_ids(list(prompts)),
+                         world.logprob(list(prompts), list(responses)), baseline_logps)
+    return float(wins.mean()), float(wins.std(unbiased=True) / math.sqrt(len(wins)))
 
 
 def _kl_by_enumeration(world: LMWorld, policy_logprob_fn: PolicyLogprobFn, batch_size: int) -> KLEstimate:
