@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distalign.demo import DemoSettings, run_demo
-from distalign.demo.claims import CLAIMS, check_claims
+from distalign.demo.claims import CLAIMS, SWEEP_CLAIMS, check_claims
 from distalign.demo.methods import CHOSEN, GRID, GRID_SIZE, VALIDATION_SEED, rows
 from distalign.demo.plot import merge_coincident, place_labels, text_box
 from distalign.demo.sweep import choose, run_sweep
@@ -63,7 +63,7 @@ def test_readme_claims_hold_on_the_full_run_and_are_in_the_readme():
     failed = [text for text, holds in check_claims(full["results"]) if not holds]
     assert not failed, failed
     readme = " ".join((ROOT / "README.md").read_text().split())
-    missing = [claim.text for claim in CLAIMS if " ".join(claim.text.split()) not in readme]
+    missing = [claim.text for claim in (*CLAIMS, *SWEEP_CLAIMS) if " ".join(claim.text.split()) not in readme]
     assert not missing, missing
     table = (DOCS / "demo_table.md").read_text().strip()
     assert table in (ROOT / "README.md").read_text()
@@ -81,6 +81,13 @@ def test_chosen_settings_are_the_sweep_records(variant):
         method = next(row.method for row in rows(DemoSettings().methods) if row.name == name)
         assert grid == GRID[method] and len(grid) == GRID_SIZE            # the same budget for every row
         assert entry["chosen"] == grid[choose(entry["grid"])]
+
+
+def test_readme_sweep_claims_hold_on_both_sweep_records():
+    for variant in ("full", "quick"):
+        record = json.loads((DOCS / f"demo_sweep_{variant}.json").read_text())
+        failed = [text for text, holds in check_claims(record, SWEEP_CLAIMS) if not holds]
+        assert not failed, (variant, failed)
 
 
 def test_every_grid_has_the_same_budget():

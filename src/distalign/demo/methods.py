@@ -95,7 +95,21 @@ def row_overrides(row: Row, chosen: list[str]) -> list[str]:
 
 # What `distalign demo --sweep` chose on the validation seed (docs/demo_sweep_{variant}.json).
 CHOSEN: dict[str, dict[str, list[str]]] = {
-    "full": {},
+    "full": {
+        "dpo": ["loss.beta=1.0"],
+        "cpo": ["loss.beta=1.0"],
+        "pmle": ["loss.gamma=1.0"],
+        "online_distill": ["loss.kl_coef=0.5"],
+        "rebel": ["loss.kl_coef=0.5"],
+        "ppo": ["loss.kl_coef=3.0"],
+        "reverse_kl": ["loss.kl_coef=0.5", "loss.entropy_coef=0.5"],
+        "grpo": ["loss.kl_coef=3.0"],
+        "online_distill (oracle reward)": ["loss.kl_coef=0.05"],
+        "rebel (oracle reward)": ["loss.kl_coef=0.5"],
+        "ppo (oracle reward)": ["loss.kl_coef=3.0"],
+        "reverse_kl (oracle reward)": ["loss.kl_coef=0.0", "loss.entropy_coef=1.0"],
+        "grpo (oracle reward)": ["loss.kl_coef=3.0"],
+    },
     "quick": {
         "dpo": ["loss.beta=1.0"],
         "cpo": ["loss.beta=1.0"],
