@@ -44,7 +44,8 @@ def ordered(results: dict, groups: dict[str, str]) -> dict:
 
 
 def _findings(results: dict) -> list[str]:
-    lines = [f"- {'holds' if holds else 'DOES NOT HOLD'}: {text}" for text, holds in check_claims(results)]
+    verdict = {True: "holds", False: "DOES NOT HOLD", None: "not applicable (a row it needs was not trained)"}
+    lines = [f"- {verdict[holds]}: {text}" for text, holds in check_claims(results)]
     lines.append(f"- Reward model agrees with π*'s preference on {results['_reward_model_accuracy']:.1%} of fresh "
                  "pairs.")
     return lines
