@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the embedded world, train every method, evaluate, write a report")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (what the tests run)")
     p.add_argument("--seed", type=int, default=None,
                    help="world, data and initialisation seed (default 0; with --sweep the validation seed, 1)")
     p.add_argument("--sweep", action="store_true",
