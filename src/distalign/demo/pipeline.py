@@ -27,7 +27,7 @@ ORACLE_REWARD = "distalign.testbed.lm_data:world_logprob_reward"
 
 @dataclass
 class DemoSettings:
-    """Sizes of one demo run. `quick()` is the one-minute variant used by the tests."""
+    """Sizes of one demo run. `quick()` is the smaller variant the tests run."""
     seed: int = 0
     n_words: int = 6
     max_len: int = 4
