@@ -57,6 +57,14 @@ def test_dpo_stays_in_undesirable_space_while_cpo_and_pmle_leave(quick_runs):
         assert min(runs[name]["delta_pi_final"]) > 0
 
 
+def test_line_plot_names_curves_that_coincide(tmp_path):
+    from distalign.testbed.plotting import coinciding, line_plot
+    series = {"a": ([1, 2], [1.0, 2.0]), "b": ([1, 2], [1.0, 2.0 + 1e-12]), "c": ([1, 2], [1.0, 2.1])}
+    assert coinciding(series) == [("a", "b")]
+    path = line_plot(tmp_path / "p.png", series, "x", "y", "t", reference=("c",), note="a note")
+    assert path.stat().st_size > 1000
+
+
 def test_misspecification_grows_error(quick_runs):
     results = quick_runs[1]["misspecification"]["results"]
     noise = results["label_noise"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -43,8 +44,10 @@ def format_cell(value) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in rows]
+    def cell(value) -> str:   # a '|' inside a cell (KL(p||q)) would end the cell: escape it
+        return format_cell(value).replace("|", "\\|")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -56,28 +59,69 @@ def write_table(out_dir: Path, sections: Sequence[tuple[str, str]]) -> Path:
     return path
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*")
+LINESTYLES = ("-", "-.", ":", (0, (5, 1, 1, 1)))
+REFERENCE_COLOURS = ("grey", "black", "tan")
+REFERENCE_DASHES = ((5, 3), (2, 2), (8, 2, 2, 2))
+
+
+def coinciding(series: dict[str, tuple[Sequence[float], Sequence[float]]], rtol: float = 1e-6) -> list[tuple[str, str]]:
+    """Pairs of series drawn on top of each other (same x, y equal within rtol): a plot must say so."""
+    names, pairs = list(series), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (xa, ya), (xb, yb) = series[a], series[b]
+            if len(xa) == len(xb) and np.allclose(xa, xb) and np.allclose(ya, yb, rtol=rtol, atol=0.0):
+                pairs.append((a, b))
+    return pairs
+
+
 def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
               ylabel: str, title: str, loglog: bool = False, logy: bool = False,
-              hline: float | None = None) -> Path:
-    """One PNG with a line per series name -> (x values, y values)."""
+              hline: float | None = None, reference: Sequence[str] = (),
+              errors: dict[str, Sequence[float]] | None = None, note: str = "") -> Path:
+    """One PNG with a line per series name -> (x values, y values).
+
+    Every curve has its own marker and line style, so none hides another silently; series that
+    coincide anyway are named in an annotation ("identical", or "within 5%"), together with `note`. Series named in
+    `reference` (slope guides, floors, starting points) and `hline` are dashed grey. `errors` adds
+    error bars (e.g. standard errors) to the named series. The legend sits outside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    curves = [name for name in series if name not in reference]
+    for i, name in enumerate(curves):
+        xs, ys = series[name]
+        style = dict(marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                     markersize=5 if i % 2 else 4, fillstyle="none" if i % 2 else "full", label=name)
+        if errors and name in errors:
+            ax.errorbar(xs, ys, yerr=errors[name], capsize=2, **style)
+        else:
+            ax.plot(xs, ys, **style)
+    for i, name in enumerate(n for n in reference if n in series):
+        ax.plot(*series[name], color=REFERENCE_COLOURS[i % len(REFERENCE_COLOURS)], linestyle="--",
+                dashes=REFERENCE_DASHES[i % len(REFERENCE_DASHES)], linewidth=1.0, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8)
     if loglog:
         ax.set_xscale("log")
     if loglog or logy:
         ax.set_yscale("log")
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    identical = coinciding(series)
+    close = [pair for pair in coinciding(series, rtol=0.05) if pair not in identical]
+    notes = ([f"{a} = {b}: identical, the curves overlap" for a, b in identical]
+             + [f"{a} ≈ {b}: within 5% at every point, the curves overlap" for a, b in close]
+             + ([note] if note else []))
+    lines = [line for text in notes for line in textwrap.wrap(text, 130)]
+    if lines:
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * len(lines), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
