@@ -319,3 +319,23 @@ def test_sampled_win_rate_averages_to_the_exact_one(small_world):
     assert off == pytest.approx((0.0, 0.0), abs=1e-12)          # off the support loses against pi0's text
     with pytest.raises(ValueError, match="as many responses"):
         sampled_win_rate(world, prompts[:3], ["ka"], ref)
+
+
+@pytest.mark.parametrize("n_words,max_len", [(3, 2), (4, 3), (2, 4)])
+def test_sequence_index_inverts_all_sequences(n_words, max_len):
+    from distalign.testbed.lm import sequence_index
+    tokens = all_sequences(n_words, max_len)
+    assert torch.equal(sequence_index(tokens, n_words), torch.arange(len(tokens)))
+    assert torch.equal(sequence_index(tokens.flip(0), n_words), torch.arange(len(tokens)).flip(0))
+
+
+def test_preference_wins_count_the_same_rows_as_preference_pairs(small_world):
+    from distalign.testbed.lm_data import preference_wins
+    rows = preference_pairs(small_world, 700, seed=4, label_noise=0.1)
+    wins = preference_wins(small_world, 700, seed=4, label_noise=0.1)
+    texts = small_world.decode(all_sequences(3, 3))
+    expected = torch.zeros_like(wins)
+    for row in rows:
+        expected[small_world.prompts.index(row["prompt"]), texts.index(row["chosen"]), texts.index(row["rejected"])] += 1
+    assert torch.equal(wins, expected) and wins.sum() == 700
+    assert torch.diagonal(wins, dim1=-2, dim2=-1).sum() == 0          # a != b in every pair

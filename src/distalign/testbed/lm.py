@@ -156,6 +156,17 @@ def sequence_count(n_words: int, max_len: int) -> int:
     return sum(n_words ** length for length in range(1, max_len + 1))
 
 
+def sequence_index(tokens: Tensor, n_words: int) -> Tensor:
+    """Row index of each response (N, L+1) in `all_sequences(n_words, L)`: the responses of fewer
+    words come first, then the base-V number of the words (the inverse of all_sequences)."""
+    lengths = response_mask(tokens, n_words).sum(1) - 1                       # words before EOS
+    shorter = torch.tensor([sequence_count(n_words, k - 1) if k else 0 for k in range(tokens.shape[1])])
+    number = torch.zeros(len(tokens), dtype=torch.long)
+    for t in range(tokens.shape[1] - 1):
+        number = torch.where(t < lengths, number * n_words + tokens[:, t], number)
+    return shorter[lengths] + number
+
+
 @dataclass(eq=False)   # tensors inside: compare worlds with to_dict()
 class LMWorld:
     """Words, prompts, reference logits and token reward: everything else is derived exactly.

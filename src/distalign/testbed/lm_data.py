@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .lm import LMWorld, sequence_reward
+from .lm import LMWorld, sequence_count, sequence_index, sequence_reward
 
 SAMPLERS = ("reference", "target")
 PREFERENCE_MODELS = ("target", "reward")
@@ -54,11 +54,11 @@ def _distinct_pairs(world: LMWorld, x: Tensor, sampler: str, gen: torch.Generato
                      "mu(x) is nearly deterministic")
 
 
-def preference_pairs(world: LMWorld, n: int, seed: int = 0, *, sampler: str = "reference",
-                     label_gamma: float | None = None, label_noise: float = 0.0,
-                     preference_model: str = "target") -> list[dict]:
-    """n rows {prompt, chosen, rejected}; P(a chosen) = (1-eps) s + eps (1-s),
-    s = sigmoid(gamma' (log pi*(a|x) - log pi*(b|x)))
+def labelled_pairs(world: LMWorld, n: int, seed: int = 0, *, sampler: str = "reference",
+                   label_gamma: float | None = None, label_noise: float = 0.0,
+                   preference_model: str = "target") -> tuple[Tensor, Tensor, Tensor]:
+    """n labelled pairs as tensors (x (n,), chosen (n, L+1), rejected (n, L+1)); P(a chosen) =
+    (1-eps) s + eps (1-s), s = sigmoid(gamma' (log pi*(a|x) - log pi*(b|x)))
     (or sigmoid(gamma' (r(x,a) - r(x,b))) for preference_model="reward")."""
     if sampler not in SAMPLERS or preference_model not in PREFERENCE_MODELS:
         raise ValueError(f"sampler / preference_model: expected one of {SAMPLERS} / {PREFERENCE_MODELS}, "
@@ -76,10 +76,26 @@ def preference_pairs(world: LMWorld, n: int, seed: int = 0, *, sampler: str = "r
     p_a = torch.sigmoid(gamma * margin)
     p_a = (1 - label_noise) * p_a + label_noise * (1 - p_a)
     a_wins = torch.rand(n, generator=gen, dtype=torch.float64) < p_a
-    chosen = torch.where(a_wins[:, None], a, b)
-    rejected = torch.where(a_wins[:, None], b, a)
+    return x, torch.where(a_wins[:, None], a, b), torch.where(a_wins[:, None], b, a)
+
+
+def preference_pairs(world: LMWorld, n: int, seed: int = 0, **options) -> list[dict]:
+    """n rows {prompt, chosen, rejected} drawn by `labelled_pairs` (same options)."""
+    x, chosen, rejected = labelled_pairs(world, n, seed, **options)
     return [{"prompt": world.prompts[i], "chosen": c, "rejected": r}
             for i, c, r in zip(x.tolist(), world.decode(chosen), world.decode(rejected))]
+
+
+def preference_wins(world: LMWorld, n: int, seed: int = 0, **options) -> Tensor:
+    """The same n pairs as `preference_pairs(world, n, seed, **options)` as win counts W (X, M, M):
+    W[x, a, b] = number of rows with prompt x, chosen a and rejected b, responses indexed in
+    `lm.all_sequences` order. Every pairwise loss of a policy is then a W-weighted sum over the
+    (X, M) table of its log-probs, at a cost that does not grow with n."""
+    x, chosen, rejected = labelled_pairs(world, n, seed, **options)
+    n_words, size = len(world.words), sequence_count(len(world.words), world.max_len)
+    cell = (x * size + sequence_index(chosen, n_words)) * size + sequence_index(rejected, n_words)
+    counts = torch.bincount(cell, minlength=len(world.prompts) * size * size)
+    return counts.to(torch.float64).view(len(world.prompts), size, size)
 
 
 def demonstrations(world: LMWorld, n: int, seed: int = 0) -> list[dict]:
