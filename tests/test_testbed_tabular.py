@@ -123,3 +123,24 @@ def test_restricted_mu_never_samples_uncovered(problem):
     assert float(wins.sum()) == 4000 and float(wins[..., 2:, :].sum() + wins[..., :, 2:].sum()) == 0
     with pytest.raises(ValueError, match="covered"):
         tb.restricted_mu(*problem.shape, 0)
+
+
+def test_feature_reward_fit_recovers_a_linear_reward_by_hand():
+    """K = 2, phi = (0, 1) in one context: the population BT optimum is theta = log(p / (1 - p))."""
+    p = 0.8
+    wins = torch.tensor([[[[0.0, 1 - p], [p, 0.0]]]], dtype=tb.DTYPE)      # (S, X, K, K): a1 beats a0 w.p. p
+    features = torch.tensor([[[0.0], [1.0]]], dtype=tb.DTYPE)
+    fit = tf.feature_reward_fit(wins, features)
+    assert fit.theta.item() == pytest.approx(math.log(p / (1 - p)), abs=1e-9) and fit.grad_max < 1e-9
+    assert fit.rewards.sum().item() == pytest.approx(0.0, abs=1e-12)       # centred per context
+
+
+def test_feature_reward_fit_holds_a_realisable_target(problem):
+    """pi* = softmax(phi theta*): from exact population pairs the linear class gives back gamma log pi*."""
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(*problem.shape, 3, generator=gen, dtype=tb.DTYPE)
+    target = torch.log_softmax(features @ torch.tensor([1.0, -0.5, 0.3], dtype=tb.DTYPE), -1)
+    pref = tb.bt_pref_prob(target, 0.5)
+    wins = tb.expected_wins(tb.uniform_mu(*problem.shape), pref)[None]
+    fit = tf.feature_reward_fit(wins, features)
+    torch.testing.assert_close(torch.log_softmax(fit.rewards[0] / 0.5, -1), target, atol=1e-9, rtol=0)
