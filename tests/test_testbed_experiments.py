@@ -26,9 +26,17 @@ def test_experiment_writes_results_table_and_plots(quick_runs, name):
 
 def test_quick_rate_slope_near_minus_one(quick_runs):
     rate = quick_runs[1]["rate"]
-    for name in ("pmle", "distill_fitted", "reverse_kl"):
+    for name in ("pmle", "distill_fitted", "reverse_kl_beta0", "reverse_kl", "dpo"):
         assert -1.3 <= rate["slopes"][name]["slope"] <= -0.7, (name, rate["slopes"][name])
-    assert rate["dpo_minus_pmle"] < 1e-8  # uniform reference, beta = gamma: DPO is PMLE
+    assert rate["dpo_minus_pmle"] < 1e-8  # dpo_uniform_ref: uniform reference, beta = gamma: DPO is PMLE
+    # DPO with the pi0 reference converges to pi_inf ∝ pi0 pi*: its KL to pi* stays near the floor
+    dpo_last = rate["objectives"]["dpo"][str(rate["protocol"]["ns"][-1])]
+    assert rate["dpo_floor"] > 0.1 and abs(dpo_last["mean_kl_to_target"] - rate["dpo_floor"]) < 0.1 * rate["dpo_floor"]
+    assert dpo_last["mean_kl"] < 0.05 * rate["dpo_floor"]
+    # Theorem 7's row is scored as KL(pi_hat || pi*): equal to pi*'s forward KL only to first order
+    beta0 = rate["objectives"]["reverse_kl_beta0"]["1000"]
+    assert beta0["mean_kl"] != beta0["mean_kl_to_target"]
+    assert beta0["mean_kl"] == pytest.approx(beta0["mean_kl_to_target"], rel=0.3)
     assert max(rate["population_error"].values()) < 1e-8  # n = infinity fits hit the closed forms
     first = rate["objectives"]["pmle"][str(1000)]
     assert len(first["kl_per_seed"]) == rate["protocol"]["n_seeds"]
@@ -55,6 +63,21 @@ def test_dpo_stays_in_undesirable_space_while_cpo_and_pmle_leave(quick_runs):
     for name in ("cpo_full", "cpo_simple", "cpo_clip", "pmle"):
         assert runs[name]["frac_in_undesirable"][-1] == 0.0
         assert min(runs[name]["delta_pi_final"]) > 0
+
+
+def test_coverage_on_policy_beats_offline_only_with_the_smaller_reward_class(quick_runs):
+    result = quick_runs[1]["coverage"]
+    worst = result["results"][str(min(result["coverages"]))]
+    for offline, online in (("offline/pmle", "reverse_kl_beta0"), ("offline/dpo", "rlhf")):
+        off = worst[offline]["kl_pi_inf"]
+        assert worst[f"linear/{online}"]["kl_pi_inf"] < 0.2 * off, online         # extrapolates via features
+        assert 0.5 < worst[f"tabular/{online}"]["kl_pi_inf"] / off < 2.0, online   # reward = policy class
+    # the same linear reward model: offline distillation's policy step sees only mu's responses
+    assert worst["linear/reverse_kl_beta0"]["kl_pi_inf"] < 0.2 * worst["linear/offline_distill"]["kl_pi_inf"]
+    assert result["checks"]["realisability: max |softmax(R_linear,inf) - pi*| (population, full coverage)"] < 1e-8
+    full = result["results"][str(max(result["coverages"]))]
+    assert all(v["uncovered_mass"] == 0.0 for v in full.values() if isinstance(v, dict))
+    assert len(result["verdict"]) == 6 and "BEATS" in result["verdict"][0]
 
 
 def test_line_plot_names_curves_that_coincide(tmp_path):
