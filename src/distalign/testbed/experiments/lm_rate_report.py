@@ -54,7 +54,7 @@ def write_outputs(out_dir: Path, results: dict) -> None:
              rate_rows(summary))),
         ("Log-log slope over the asymptotic range (95% bootstrap CI over seeds); pi_inf: "
          + ", ".join(f"{m} {v}" for m, v in LIMIT.items()),
-         markdown_table(["method", "slope", "95% CI", "n range", "n*KL max/min", "all converged"], slope_rows(summary))),
+         markdown_table(["method", "slope", "95% CI", "n range", "n*KL max/min", "all converged in range"], slope_rows(summary))),
         ("What the data shows", "\n".join(f"- {line}" for line in results["verdict"])),
         ("Reference points and checks", reference),
         ("Every fit: empirical losses on its own pairs (L(pi_hat), tabular minimum L_min, the target's "
