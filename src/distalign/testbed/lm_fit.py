@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -285,12 +285,12 @@ def verdict(summary: dict, floor: float) -> list[str]:
     for method, s in summary.items():
         ok_slope = SLOPE_BAND[0] <= s["slope"] <= SLOPE_BAND[1]
         ok_flat = s["n_kl_spread"] <= FLAT_FACTOR
+        converged = "every run in that range" if s["all_converged"] else "SOME RUNS IN THAT RANGE DID NOT"
         lines.append(f"{method}: slope of KL(pi_inf||pi_hat) {s['slope']:.3f} (95% CI {s['ci95'][0]:.3f}, "
                      f"{s['ci95'][1]:.3f}) over n = {s['slope_ns']}, "
                      f"{'inside' if ok_slope else 'OUTSIDE'} {list(SLOPE_BAND)}; n*KL max/min "
                      f"{s['n_kl_spread']:.2f} ({'flat' if ok_flat else 'NOT flat'} within {FLAT_FACTOR}); "
-                     f"{'every run in that range converged' if s['all_converged'] else 'SOME RUNS IN THAT RANGE DID NOT CONVERGE'}"
-                     f" ({s['converged_runs'][0]} of {s['converged_runs'][1]} over all n).")
+                     f"{converged} converged ({s['converged_runs'][0]} of {s['converged_runs'][1]} over all n).")
     dpo = summary["dpo"]["per_n"]
     last = max(dpo)
     lines.append(f"dpo: KL(pi*||pi_hat) at n = {last} is {dpo[last]['mean_kl_target']:.4f} against its floor "

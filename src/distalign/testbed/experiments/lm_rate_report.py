@@ -48,17 +48,18 @@ def write_outputs(out_dir: Path, results: dict) -> None:
         + [[f"population fit vs closed-form limit (max abs prob): {k}", v]
            for k, v in results["population_error"].items()])
     write_table(out_dir, [
-        (f"Exact E KL(pi_inf||pi_hat_n), network fitted to its empirical minimum ({results['seconds']:.0f} s, "
-         f"seed {results['seed']})", markdown_table(
+        ((f"Exact E KL(pi_inf||pi_hat_n), network fitted to its empirical minimum ({results['seconds']:.0f} s, "
+          f"seed {results['seed']})"), markdown_table(
              ["method", "n", "seeds", "KL(pi_inf||pi_hat) mean ± s.e.", "n * KL", "KL(pi*||pi_hat)", "converged"],
              rate_rows(summary))),
         ("Log-log slope over the asymptotic range (95% bootstrap CI over seeds); pi_inf: "
          + ", ".join(f"{m} {v}" for m, v in LIMIT.items()),
-         markdown_table(["method", "slope", "95% CI", "n range", "n*KL max/min", "all converged in range"], slope_rows(summary))),
+         markdown_table(["method", "slope", "95% CI", "n range", "n*KL max/min", "all converged in range"],
+                        slope_rows(summary))),
         ("What the data shows", "\n".join(f"- {line}" for line in results["verdict"])),
         ("Reference points and checks", reference),
-        ("Every fit: empirical losses on its own pairs (L(pi_hat), tabular minimum L_min, the target's "
-         "L(pi*), the method's limit L(pi_inf)), gap / (L(pi_inf) - L_min), KL(minimiser||pi_hat), cost",
+        (("Every fit: empirical losses on its own pairs (L(pi_hat), tabular minimum L_min, the target's "
+          "L(pi*), the method's limit L(pi_inf)), gap / (L(pi_inf) - L_min), KL(minimiser||pi_hat), cost"),
          markdown_table(["method", "n", "seed", "L(pi_hat)", "L_min", "L(pi*)", "L(pi_inf)", "rel. gap",
                          "KL(min||pi_hat)", "evals", "Adam phases", "s", "mass outside (bare net)", "converged"],
                         run_rows(runs)))])
