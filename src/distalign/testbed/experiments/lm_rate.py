@@ -1,8 +1,8 @@
 """`distalign testbed lm-rate`: the O(1/n) rate of seed 001 (Theorems 4 and 6) at the language level,
 with a real transformer trained until it is certified at its empirical minimum.
 
-    distalign testbed lm-rate --quick --out runs/lm-rate      # 3 seeds x 2 n, a few minutes on 2 cores
-    distalign testbed lm-rate --out runs/lm-rate              # 8 seeds x 6 n on 2 worker processes
+    distalign testbed lm-rate --quick --out runs/lm-rate      # 3 seeds x 2 n, ~2 min on 2 idle cores
+    distalign testbed lm-rate --out runs/lm-rate              # 8 seeds x 6 n, ~10 min on 2 idle cores
 
 What is measured is the estimator pi_hat_n = argmin over the network class of the empirical
 objective on n pairs, not what an optimiser reaches in a budget:
@@ -43,10 +43,12 @@ never on the reported seed (the CLI default 0), and are recorded in results.json
   DPO minimum (every response beaten by and beating another: `strongly_connected`); below it some
   minima are at infinity, the network cannot reach them and the run reports "NOT converged";
 - seeds = 8 and n = 8192..262144 (n = 8192 shown as the last pre-asymptotic point): the 30-minute
-  budget on 2 cores. A fit costs the same at every n (full batch over the same 48 sequences), about
-  30 s of wall time per data set (3 fits) with 2 workers on the shared machine, so 16 seeds x 7 n
-  (the first validation grid) took over 40 minutes for 5 of its n. Per-data-set KL has sd/mean
-  0.3-0.5 on the validation seed, so 8 seeds give about 14% standard error per n;
+  budget on 2 cores, judged from wall times on the shared machine (16 seeds x 7 n, the first
+  validation grid, took over 40 minutes there for 5 of its n). A fit costs the same at every n (full
+  batch over the same 48 sequences). The reported run took 52 min of wall time at a load average of
+  9-12 but 1168 s of CPU time (2 workers, one thread each), i.e. about 10 minutes on 2 idle cores, so
+  16 seeds would also fit the budget there. Per-data-set KL has sd/mean 0.3-0.5 on the validation
+  seed, so 8 seeds give about 14% standard error per n;
 - REL_TOL = 0.01: the gap left at 1% of the excess loss changed KL by < 1% against the exact
   minimiser (KL(minimiser||pi_hat) is reported per run); the Adam fallback was added after a
   validation fit in which L-BFGS stalled at 2.3% (Adam from there reached 0.02%).
