@@ -88,7 +88,7 @@ GRPO = ["train", "grpo", "model.name_or_path={tiny}", "data.train={prompts}", "t
         "train.max_steps=1", "train.batch_size=2", "generation.max_new_tokens=3", "generation.num_samples=2",
         "train.progress_bar=false", "rewards=[{{kind: regex, pattern: a}}]"]
 SPIN = ["train", "spin", "model.name_or_path={tiny}", "demonstrations={demos}", "train.output_dir={saved}"]
-IRL = ["train", "irl", "model.name_or_path={tiny}", "demonstrations={demos}", "output_dir={saved}"]
+IRL = ["train", "irl", "model.name_or_path={tiny}", "demonstrations={demos}", "train.output_dir={saved}"]
 CL = "command line"
 
 # (id, argv, fragments of the error line): values from key=value overrides, failing at config load.

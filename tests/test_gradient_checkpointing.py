@@ -140,9 +140,9 @@ def test_iterative_run_is_unchanged(world_dir, tmp_path, spy):
 def test_irl_reward_and_rl_steps_use_it(world_dir, tmp_path, spy):
     for on in ("false", "true"):
         train_irl(load_config(IRLConfig, None, [
-            "method=irl", f"model.name_or_path={world_dir / 'tiny'}", f"output_dir={tmp_path / on}",
+            "method=irl", f"model.name_or_path={world_dir / 'tiny'}", f"train.output_dir={tmp_path / on}",
             f"demonstrations={world_dir / 'data' / 'demonstrations.jsonl'}", "iterations=1",
             "generation.max_new_tokens=4", "generation.num_samples=2", "reward.steps=2", "reward.batch_size=4",
-            "rl.steps=1", "rl.batch_size=2", f"gradient_checkpointing={on}"]), log=lambda *_: None)
+            "rl.steps=1", "rl.batch_size=2", f"train.gradient_checkpointing={on}"]), log=lambda *_: None)
     assert spy == ["LlamaForSequenceClassification", "LlamaForCausalLM"]  # the reward model, then the RL policy
     same_weights(tmp_path / "false" / "final", tmp_path / "true" / "final")

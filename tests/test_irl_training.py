@@ -40,7 +40,7 @@ def config(lm, method, out, *overrides):
     pairs = [f"pairs={root / 'pairs.jsonl'}"] if method == "aihf" else []  # irl refuses pairs
     return load_config(IRLConfig, None, [
         f"method={method}", f"model.name_or_path={model_dir}", f"demonstrations={root / 'demos.jsonl'}",
-        *pairs, f"output_dir={out}", "iterations=2",
+        *pairs, f"train.output_dir={out}", "iterations=2",
         "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=4",
         "reward.steps=40", "reward.batch_size=32", "reward.learning_rate=3e-3",
         "rl.method=rloo", "rl.steps=30", "rl.batch_size=16", "rl.optim.learning_rate=2e-3",
@@ -106,7 +106,7 @@ def test_aihf_moves_the_policy_toward_the_target_for_every_seed(lm, tmp_path):
     afters = []
     for seed in (0, 1, 2):
         result = train_irl(config(lm, "aihf", tmp_path / f"aihf{seed}", "iterations=1", "reward.alpha=0.5",
-                                  f"seed={seed}"), log=lambda *_: None)
+                                  f"train.seed={seed}"), log=lambda *_: None)
         afters.append(exact_kl(lm, result["final_model"]))
     assert all(before - after > 0.1 for after in afters), (before, afters)
 

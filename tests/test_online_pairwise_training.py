@@ -198,7 +198,7 @@ def test_rpo_demos_reduces_kl_to_target(lm, tmp_path):
     """Demonstrations are pi* samples: RPO's NLL term moves the warm start (KL 1.25) toward pi*."""
     from distalign.training.iterative import train_iterative
     before = exact_kl(lm, lm[3])
-    cfg = config(lm, "rpo_demos", tmp_path, "loss.beta=0.5", "iteration.iterations=1",
+    cfg = config(lm, "rpo_demos", tmp_path, "loss.beta=0.5", "train.max_steps=30",
                  "iteration.steps_per_iteration=30")
     result = train_iterative(cfg, log=lambda *_: None)
     after = exact_kl(lm, result["final_model"])
@@ -212,7 +212,7 @@ def test_spin_and_spac_start_each_iteration_at_log_two(lm, tmp_path, method):
     import math
     from distalign.training.iterative import train_iterative
     alpha = ["loss.alpha=0.5"] if method == "spac" else []
-    cfg = config(lm, method, tmp_path, "loss.beta=0.1", "optim.learning_rate=1e-3", "iteration.iterations=2",
+    cfg = config(lm, method, tmp_path, "loss.beta=0.1", "optim.learning_rate=1e-3", "train.max_steps=10",
                  "iteration.steps_per_iteration=5", *alpha)
     losses = [h["train/loss"] for h in train_iterative(cfg, log=lambda *_: None)["history"]]
     assert losses[0] == pytest.approx(math.log(2) * (1.0 if method == "spin" else 1.5), abs=1e-5)
@@ -238,7 +238,7 @@ def test_spin_and_spac_reduce_kl_to_target_beyond_seed_noise(lm, tmp_path, metho
     for seed in (0, 1, 2):
         alpha = ["loss.alpha=0.5"] if method == "spac" else []
         cfg = config(lm, method, tmp_path / f"seed{seed}", "loss.beta=1.0", "optim.learning_rate=1e-3",
-                     "train.batch_size=32", *alpha, "iteration.iterations=3",
+                     "train.batch_size=32", *alpha, "train.max_steps=90",
                      "iteration.steps_per_iteration=30", f"train.seed={seed}")
         result = train_iterative(cfg, log=lambda *_: None)
         assert len(result["history"]) == 90

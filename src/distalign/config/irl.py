@@ -6,16 +6,18 @@
 Each of `iterations` rounds makes `reward.steps` reward-model steps (demonstration > a fresh sample of
 the current policy; aihf adds alpha * Bradley-Terry on the preference pairs), saves the reward model,
 then runs Online engine I (`rl.method`) for `rl.steps` rollouts on that reward, KL-regularised toward
-the fixed reference (the initial policy unless `reference` is set).
+the fixed reference (the initial policy unless `reference` is set). The run's steps are the reward
+steps and rollouts together: `train.max_steps` (if > 0) stops after that many instead of `iterations`
+rounds. `train` holds what every method shares (output_dir, seed, checkpoints, resume, logging).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .applicability import never, only, refuse_ignored, split_rule, when, with_prefix
+from .applicability import fields, never, only, refuse_ignored, split_rule, when, with_prefix
 from .online import GENERATION_RULES, ONLINE_LOSS_RULES, ONLINE_METHODS, GenerationConfig, OnlineLossConfig
 from .online_pairwise import PromptDataConfig, check_response_limits
-from .schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelConfig, OptimConfig, _f
+from .schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RUN_RULES, ModelConfig, OptimConfig, RunConfig, _f
 
 IRL_METHODS = ("irl", "aihf")
 
@@ -26,7 +28,7 @@ class RewardStepConfig:
     batch_size: int = _f(16, "demonstrations (each with one fresh policy sample) and pairs per step",
                         range=AT_LEAST_ONE)
     learning_rate: float = _f(1e-4, "AdamW learning rate of the reward model (constant)", range=POSITIVE)
-    weight_decay: float = _f(0.0, "AdamW weight decay of the reward model", range=NON_NEGATIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay of the reward model (not on biases and norms)", range=NON_NEGATIVE)
     max_grad_norm: float = _f(1.0, "clip the reward model's gradient norm; 0 disables clipping",
                               range=NON_NEGATIVE)
     demo_weight: float = _f(1.0, "gamma of Eq. 24a: weight of the demonstration > policy-sample term",
@@ -61,6 +63,12 @@ IRL_RULES = {
     "data.eval": never("irl / aihf have no evaluation loop (run `distalign eval` on the saved model)"),
     "data.split": split_rule("data.train", "demonstrations", "pairs"),
     "pairs": only("aihf"), "reward.alpha": only("aihf"),
+    "iterations": when(lambda c: c.train.max_steps > 0, "train.max_steps sets the length"),
+    **fields(("train.batch_size", "train.gradient_accumulation_steps", "train.epochs", "train.log_every"),
+             never("reward.* and rl.* set the batches and steps (every step is logged)")),
+    "train.eval_every": never("irl / aihf have no evaluation loop (run `distalign eval` on the saved model)"),
+    "train.save_merged": never("irl / aihf train full weights (no LoRA adapter to merge)"),
+    "train.resume_allow": RUN_RULES["train.resume_allow"],
 }
 
 
@@ -74,12 +82,11 @@ class IRLConfig:
                                      "and the length limits of every file", factory=PromptDataConfig)
     demonstrations: str = _f("", "demonstrations file {prompt, completion}: the expert side of Eq. 21a")
     pairs: str | None = _f(None, "preference pairs file {prompt, chosen, rejected} (aihf)")
-    output_dir: str = _f("runs/irl", "iter-{t}/reward, iter-{t}/rl/final and final/ (the last policy) go here")
-    seed: int = _f(0, "seed of data order, sampling and the reward head initialisation", range=SEED)
-    iterations: int = _f(2, "outer iterations t = 1..K of reward step then RL step", range=AT_LEAST_ONE)
-    gradient_checkpointing: bool = _f(False, "activation checkpointing in the reward steps and the RL steps "
-                                             "(less memory, ~1 more forward per step)")
-    progress_bar: bool = _f(False, "tqdm bars inside the RL steps")
+    train: RunConfig = _f(help="output_dir (gets iter-{t}/reward, iter-{t}/rl/ and final/, the last policy), seed, "
+                               "max_steps (reward steps + rollouts), checkpoints, resume, logging",
+                          factory=RunConfig)
+    iterations: int = _f(2, "outer iterations t = 1..K of reward step then RL step (not with train.max_steps > 0, "
+                            "which sets the length)", range=AT_LEAST_ONE)
     generation: GenerationConfig = _f(help="sampling of the reward step's policy samples and of the RL rollouts",
                                       factory=lambda: GenerationConfig(num_samples=4, temperature=1.0))
     reward: RewardStepConfig = _f(help="the reward update (Eq. 21a / 24a)", factory=RewardStepConfig)

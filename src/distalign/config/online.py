@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .applicability import first_reason, never, only, refuse_ignored, split_rule, when
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REAL, UNIT, DataConfig, ModelConfig, OptimConfig,
-                     RunConfig, _f)
+                     RUN_RULES, RunConfig, _f)
 
 ONLINE_METHODS = ("ppo", "reinforce", "rloo", "grpo", "reverse_kl")
 
@@ -139,6 +139,7 @@ ONLINE_RULES = {
     "train.eval_every": never(NO_EVALUATION),
     "data.split": split_rule("data.train"),
     "data.max_length": never(PROMPTS_ONLY),
+    **RUN_RULES,
 }
 
 

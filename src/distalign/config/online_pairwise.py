@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .applicability import fields, first_reason, never, only, refuse_ignored, split_rule, when
+from .applicability import first_reason, never, only, refuse_ignored, split_rule, when
 from .online import GENERATION_RULES, GenerationConfig, RewardSpec
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, UNIT, DataConfig, ModelConfig, OptimConfig,
-                     RunConfig, _f)
+                     RUN_RULES, RunConfig, _f)
 
 ONLINE_PAIRWISE_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac", "nash_md",
                            "rpo_demos", "nash_md_pg")
@@ -48,7 +48,8 @@ def samples(config) -> bool:
 
 
 NOT_SAMPLED = "the method draws no samples (rpo_demos; pmle_online with loss.kl_coef=0)"
-ITERATIVE_LENGTH = "iteration.iterations x iteration.steps_per_iteration set the length of spin / spac / rpo_demos"
+ITERATIVE_LENGTH = ("spin / spac / rpo_demos run train.max_steps optimizer steps (or iteration.iterations x "
+                    "iteration.steps_per_iteration)")
 NO_EVALUATION = "these methods have no evaluation loop (run `distalign eval` on the saved model)"
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "min_new_tokens",
                      "missing_eos_penalty", "backend", "fast_decode")
@@ -73,12 +74,13 @@ RULES = {
     "loss.mixture": only("nash_md_pg"),
     "loss.alpha": only("spac", "rpo_demos"),
     "update_epochs": only("online_dpo", "online_distill", "rebel"),
-    **fields(("iteration.iterations", "iteration.steps_per_iteration"), only(*ITERATIVE_METHODS)),
+    "iteration.iterations": first_reason(only(*ITERATIVE_METHODS),
+                                         when(lambda c: c.train.max_steps > 0, "train.max_steps sets the length")),
+    "iteration.steps_per_iteration": only(*ITERATIVE_METHODS),
     "train.gradient_accumulation_steps": never("these loops take one batch per optimizer step (raise "
                                                "train.batch_size instead)"),
-    **fields(("train.epochs", "train.max_steps"), when(lambda c: c.method in ITERATIVE_METHODS, ITERATIVE_LENGTH)),
-    **fields(("train.save_every", "train.keep_checkpoints", "train.resume"),
-             when(lambda c: c.method in ITERATIVE_METHODS, "spin / spac / rpo_demos write no step checkpoints")),
+    "train.epochs": when(lambda c: c.method in ITERATIVE_METHODS, ITERATIVE_LENGTH),
+    **RUN_RULES,
 }
 
 
@@ -115,9 +117,10 @@ class PairwiseLossConfig:
 
 @dataclass
 class IterationConfig:
-    iterations: int = _f(2, "outer iterations: sample from the current policy, build pairs, update",
-                         range=AT_LEAST_ONE)
-    steps_per_iteration: int = _f(20, "policy optimizer steps per iteration (spin, spac, rpo_demos)",
+    iterations: int = _f(2, "outer iterations: sample from the current policy, build pairs, update (not "
+                             "with train.max_steps > 0, which sets the length)", range=AT_LEAST_ONE)
+    steps_per_iteration: int = _f(20, "policy optimizer steps per iteration (spin, spac, rpo_demos); with "
+                                      "train.max_steps > 0 the run has that many steps in rounds of this length",
                                   range=AT_LEAST_ONE)
 
 

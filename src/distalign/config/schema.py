@@ -108,10 +108,39 @@ class RunConfig:
                                          "reuse pages instead of page-faulting them in again (~3-6% faster)")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     progress_bar: bool = _f(True, "show a tqdm progress bar")
+    overwrite: bool = _f(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                                "checkpoints, logs and final model first (without it such a folder is refused)")
+    resume_allow: list[str] = _f(help="fields of the run identity a resume may change (e.g. [max_steps] to "
+                                      "train further); any other difference from the checkpoint is refused",
+                                 factory=list)
+    report_to: str = _f("tensorboard", "where metrics go besides metrics.jsonl (wandb needs "
+                                       "`pip install 'distalign[wandb]'`)", choices=("tensorboard", "wandb", "none"))
+    on_nonfinite: str = _f("stop", "a NaN/inf loss, gradient norm or weight after a step: stop the run, or skip "
+                                   "the step (restoring the weights and optimizer state; keeps a copy of both)",
+                           choices=("stop", "skip"))
+    save_merged: bool = _f(False, "LoRA: also write the adapter merged into the base as a full model to "
+                                  "output_dir/final-merged")
 
     def validate(self):
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("epochs", f"must be > 0 when max_steps is 0 (derive steps from epochs), got {self.epochs}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite", "cannot be combined with resume=true (one continues the run, the "
+                                          "other deletes it)")
+        if self.report_to == "wandb":
+            import importlib.util
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to", "wandb is not installed; pip install 'distalign[wandb]' "
+                                              "(or report_to=tensorboard / none)")
+
+
+# train.* fields that act only under another setting, for every family (each adds them to its rules).
+RUN_RULES = {
+    "train.save_merged": when(lambda c: c.model.lora is None, "only a LoRA adapter is merged into its base "
+                                                              "(a full-weight model is saved whole in final/)"),
+    "train.resume_allow": when(lambda c: not c.train.resume, "it names what a resume (train.resume=true) may "
+                                                             "change"),
+}
 
 
 OFFLINE_METHODS_EXTRA = ("sft", "reward")
@@ -169,4 +198,5 @@ OFFLINE_RULES = {
                          "sft and reward encode one response per row already"),
     "train.eval_every": when(lambda c: not c.data.eval, "there is no data.eval to evaluate on"),
     "data.split": split_rule("data.train", "data.eval"),
+    **RUN_RULES,
 }

@@ -6,7 +6,9 @@
 Normalised rows (every kind also keeps `_row`, 1-based, and `_source` for later messages):
 - demonstrations: `{"prompt", "completion"}` from prompt/completion columns or chat `messages`
   whose last message is the assistant's (the earlier messages become the prompt);
-- pairs: `{"prompt", "chosen", "rejected"}`;
+- pairs: `{"prompt", "chosen", "rejected"}`; without a `prompt` field, `chosen` and `rejected` may be
+  whole conversations sharing their opening messages (TRL's "implicit prompt" format): the shared
+  messages become the prompt and what follows the responses;
 - prompts: `{"prompt", "extra"}`, where `extra` holds the row's other columns for reward functions.
 A prompt is a string or a list of `{role, content}` messages; responses become the assistant's
 text. A response given as messages makes a string prompt into one user message, so the row is
@@ -21,7 +23,7 @@ from .records import DataError, DataReport, row_error, type_name
 
 KINDS = ("demonstrations", "pairs", "prompts")
 ROLES = ("system", "user", "assistant", "tool")
-_REQUIRED_COLUMNS = {"pairs": [("prompt", "chosen", "rejected")],
+_REQUIRED_COLUMNS = {"pairs": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
                      "demonstrations": [("prompt", "completion"), ("messages",)],
                      "prompts": [("prompt",)]}
 
@@ -79,7 +81,11 @@ def normalise_row(row: Any, kind: str, where: Where) -> dict:
 
 
 def _pair(row: dict, where: Where) -> dict:
-    prompt = parse_prompt(_field(row, "prompt", where), where)
+    if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        prompt = implicit_prompt(row["chosen"], row["rejected"], where)
+    else:
+        prompt = parse_prompt(_field(row, "prompt", where, also="(or chat 'chosen' / 'rejected' sharing a prompt)"),
+                              where)
     chosen, chosen_chat = parse_response(_field(row, "chosen", where), "chosen", prompt, where)
     rejected, rejected_chat = parse_response(_field(row, "rejected", where), "rejected", prompt, where)
     if chosen == rejected:
@@ -87,6 +93,24 @@ def _pair(row: dict, where: Where) -> dict:
                           "identical responses")
     return {"prompt": _as_chat(prompt) if chosen_chat or rejected_chat else prompt,
             "chosen": chosen, "rejected": rejected}
+
+
+def implicit_prompt(chosen: list, rejected: list, where: Where) -> list[dict]:
+    """The messages two conversations open with, which must end before the assistant's replies differ."""
+    chosen = _messages(chosen, "chosen", where)
+    rejected = _messages(rejected, "rejected", where)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise where.error("chosen", "expected 'chosen' and 'rejected' conversations that open with the same "
+                          "prompt messages (there is no 'prompt' field), found no shared first message",
+                          "no shared prompt")
+    if shared == len(chosen) or shared == len(rejected):
+        raise where.error("rejected", "expected a reply after the shared prompt messages, found "
+                          f"{'identical conversations' if len(chosen) == len(rejected) else 'none'}",
+                          "no shared prompt")
+    return parse_prompt(chosen[:shared], where, "chosen")
 
 
 def _demonstration(row: dict, where: Where) -> dict:

@@ -73,7 +73,9 @@ def build_world_files(settings: DemoSettings, out: Path) -> tuple[LMWorld, dict]
 
 
 def _common(settings: DemoSettings, out: Path, name: str, steps: int) -> list[str]:
-    return [f"train.output_dir={out / 'runs' / name}", f"train.max_steps={steps}", f"train.seed={settings.seed}",
+    # overwrite: a demo rebuilds its world, so a rerun into the same folder replaces the earlier runs
+    return [f"train.output_dir={out / 'runs' / name}", "train.overwrite=true", f"train.max_steps={steps}",
+            f"train.seed={settings.seed}",
             f"train.batch_size={settings.batch_size}", "train.log_every=10", "train.keep_checkpoints=1",
             "data.max_prompt_length=16", "data.max_length=32"]
 

@@ -15,6 +15,13 @@ Iteration t = 1..K:
 Simplifications, stated honestly: each argmin / argmax is a fixed number of steps, not a solve; the RL
 step starts a fresh optimizer every iteration; samples y' are scored as text exactly as the RL step's
 reward source scores them (decoded, re-tokenised, EOS appended), so the reward sees one format.
+
+Steps, checkpoints and resume: the run's step counter runs over reward steps and rollouts together
+(round t: `reward.steps`, then `rl.steps`; `train.max_steps` cuts the plan short). Checkpoints in
+output_dir hold the reward model, its optimizer, the RNG and the current policy's folder: every
+`train.save_every` reward steps, at the end of each reward step phase and of each round; an RL step is
+its own Online engine I run in iter-{t}/rl with its own checkpoints (removed once its round is done),
+which a resume continues. So `train.resume=true` repeats the uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 
 from distalign.config import build_dataclass, to_dict
 from distalign.config.irl import IRLConfig
+from distalign.config.schema import OptimConfig
 from distalign.config.online import OnlineConfig
 from distalign.data import tokenize_responses
 from distalign.models import (
@@ -37,8 +45,16 @@ from distalign.models import (
 )
 from distalign.objectives.online_pairwise import aihf_reward_loss
 
-from .checkpoint import begin_run
-from .common import MetricsLogger, check_finite, load_records, require_single_process, set_seed
+from .checkpoint import begin_run, latest_checkpoint, list_checkpoints, run_identity, save_checkpoint
+from .common import (
+    MetricsLogger,
+    StepGuard,
+    build_optimizer,
+    load_records,
+    require_single_process,
+    sampling_settings,
+    set_seed,
+)
 from .online import prompt_order, train_online
 from .rollout import completion_texts
 from .sampling import build_sampler
@@ -67,15 +83,18 @@ class RewardLearner:
             return
         r, m = self.cfg.reward, self.cfg.model
         self.model = load_reward_model(r.init or policy_dir, **m.load_options(), device=self.device,
-                                       pad_token_id=self.pad, gradient_checkpointing=self.cfg.gradient_checkpointing)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=r.learning_rate, weight_decay=r.weight_decay)
+                                       pad_token_id=self.pad,
+                                       gradient_checkpointing=self.cfg.train.gradient_checkpointing)
+        self.optimizer = build_optimizer(self.model, OptimConfig(learning_rate=r.learning_rate,
+                                                                 weight_decay=r.weight_decay))
+        self.guard = StepGuard(self.model.parameters(), self.optimizer, None, r.max_grad_norm, None,
+                               self.cfg.train.on_nonfinite, self.log)
 
     def batch_of(self, records: list, step: int) -> list:
         """The step-th batch of a fixed-seed permutation per epoch (the online loops' data order)."""
         bs = self.cfg.reward.batch_size
         epoch, in_epoch = divmod(step, len(records) // bs)
-        order = prompt_order(len(records), self.cfg.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
+        order = prompt_order(len(records), self.cfg.train.seed, epoch)[in_epoch * bs:(in_epoch + 1) * bs]
         return [records[i] for i in order.tolist()]
 
     @torch.no_grad()
@@ -89,8 +108,9 @@ class RewardLearner:
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return score_sequences(self.model, batch)
 
-    def step(self, step: int, policy, sampler) -> dict:
-        """One AdamW step on `aihf_reward_loss` (Eq. 24a); all sequences in one forward."""
+    def step(self, step: int, policy, sampler, global_step: int) -> dict:
+        """One AdamW step on `aihf_reward_loss` (Eq. 24a); all sequences in one forward. `step` counts
+        reward steps (it orders the data), `global_step` (1-based) is the run's, named in messages."""
         r = self.cfg.reward
         demos = self.batch_of(self.demos, step)
         prompts = [d.prompt_ids for d in demos]
@@ -106,22 +126,21 @@ class RewardLearner:
         demo, sample, rest = values[:n], values[n:2 * n], values[2 * n:]
         chosen, rejected = rest.chunk(2) if self.pairs is not None else (None, None)
         loss = aihf_reward_loss(demo, sample, chosen, rejected, r.demo_weight, r.alpha)
-        check_finite(loss.detach(), step + 1)
         loss.backward()
         metrics = {"reward_loss": loss.detach(), "demo_accuracy": (demo > sample).float().mean(),
                    "demo_margin": (demo - sample).mean().detach()}
         if chosen is not None:
             metrics["pair_accuracy"] = (chosen > rejected).float().mean()
-        if r.max_grad_norm > 0:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"] = self.guard.step(loss, global_step)
         return {k: float(v) for k, v in metrics.items()}
 
 
-def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Path, iteration: int) -> OnlineConfig:
-    """The Online engine I config of one policy step, validated like a YAML config."""
-    rl = cfg.rl
+def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Path, iteration: int,
+                  steps: int) -> OnlineConfig:
+    """The Online engine I config of one policy step, validated like a YAML config; it continues its own
+    checkpoint if it has one (a resumed IRL run), else starts afresh in its folder."""
+    rl, t = cfg.rl, cfg.train
+    resume = latest_checkpoint(out_dir) is not None
     tree = {"method": rl.method, "model": {**to_dict(cfg.model), "name_or_path": policy_dir},
             "reference": (cfg.reference or cfg.model.name_or_path) if rl.loss.kl_coef else None,
             # the RL step reads prompts only: max_length (a response limit) is the reward step's
@@ -129,11 +148,117 @@ def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Pa
                      "train": cfg.data.train or cfg.demonstrations},
             "optim": to_dict(rl.optim), "generation": to_dict(cfg.generation), "loss": to_dict(rl.loss),
             "rewards": [{"kind": "model", "path": str(reward_dir), "name": "learned"}],
-            "train": {"output_dir": str(out_dir), "seed": cfg.seed + iteration, "batch_size": rl.batch_size,
-                      "max_steps": rl.steps, "log_every": 1, "keep_checkpoints": 1,
-                      "progress_bar": cfg.progress_bar, "gradient_checkpointing": cfg.gradient_checkpointing},
+            "train": {"output_dir": str(out_dir), "seed": t.seed + iteration, "batch_size": rl.batch_size,
+                      "max_steps": steps, "log_every": 1, "keep_checkpoints": t.keep_checkpoints,
+                      "save_every": t.save_every, "progress_bar": t.progress_bar, "resume": resume,
+                      "overwrite": not resume, "report_to": t.report_to, "on_nonfinite": t.on_nonfinite,
+                      "mixed_precision": t.mixed_precision, "retain_freed_memory": t.retain_freed_memory,
+                      "gradient_checkpointing": t.gradient_checkpointing},
             "update_epochs": rl.update_epochs, "num_minibatches": rl.num_minibatches}
     return build_dataclass(OnlineConfig, tree, f"{out_dir} (irl rl step)")
+
+
+def round_plan(cfg: IRLConfig) -> list[tuple[int, int]]:
+    """(reward steps, rollouts) of each round: `iterations` full rounds, or rounds until `train.max_steps`
+    steps are spent (reward steps first in each)."""
+    full = (cfg.reward.steps, cfg.rl.steps)
+    if not cfg.train.max_steps:
+        return [full] * cfg.iterations
+    plan, left = [], cfg.train.max_steps
+    while left > 0:
+        reward = min(full[0], left)
+        plan.append((reward, min(full[1], left - reward)))
+        left -= sum(plan[-1])
+    return plan
+
+
+class IRLRun:
+    """One irl / aihf run: the reward learner, the run folder and the round plan."""
+
+    def __init__(self, cfg: IRLConfig, log=print):
+        require_single_process(cfg.method)
+        self.cfg, self.log, self.out = cfg, log, Path(cfg.train.output_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_seed(cfg.train.seed)
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.learner = RewardLearner(cfg, self.tokenizer, self.device, log)
+        self.learner.start_iteration(m.name_or_path)  # the first round's reward model (a resume loads into it)
+        self.plan = round_plan(cfg)
+        data = {"demonstrations": self.learner.demos, **({"pairs": self.learner.pairs} if self.learner.pairs else {})}
+        self.identity = run_identity(cfg, self.learner.model, data=data, global_batch=cfg.reward.batch_size,
+                                     total_steps=sum(map(sum, self.plan)),
+                                     objective={"reward": to_dict(cfg.reward), "rl": to_dict(cfg.rl),
+                                                "generation": sampling_settings(cfg.generation)})
+        self.history, self.rounds, self.rl_metrics = [], [], {}
+
+    def save(self, step: int, policy_dir: str) -> None:
+        save_checkpoint(self.out, step, self.learner.model, self.learner.optimizer, None,
+                        {"step": step, "policy_dir": policy_dir}, self.cfg.train.keep_checkpoints, self.identity)
+
+    def reward_phase(self, t: int, step: int, end: int, reward_offset: int, policy_dir: str, logger) -> Path:
+        """Reward steps `step`..`end` of round t (global numbering; `reward_offset` = reward steps before
+        this round's first); saves the reward model to iter-{t+1}/reward and a checkpoint at `end`."""
+        m, save_every = self.cfg.model, self.cfg.train.save_every
+        policy = load_policy(policy_dir, **m.load_options(), device=self.device)
+        sampler = build_sampler(self.tokenizer, self.cfg.generation, policy_dir)
+        start = end - self.plan[t][0]
+        while step < end:
+            metrics = {f"reward/{k}": v for k, v in
+                       self.learner.step(reward_offset + step - start, policy, sampler, step + 1).items()}
+            step += 1
+            logger.log(step, {**metrics, "iteration": t})
+            self.history.append({"step": step, "iteration": t, **metrics})
+            if step < end and save_every and step % save_every == 0:
+                self.save(step, policy_dir)
+        reward_dir = save_model(self.learner.model, self.tokenizer, self.out / f"iter-{t + 1}" / "reward")
+        self.save(end, policy_dir)
+        return reward_dir
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        state = begin_run(cfg, self.out, run=cfg.train, identity=self.identity, model=self.learner.model,
+                          optimizer=self.learner.optimizer, log=self.log)
+        step, policy_dir = state["step"], state.get("policy_dir", cfg.model.name_or_path)
+        logger = MetricsLogger(self.out, True, self.identity["max_steps"], step, False, cfg.method,
+                               cfg.train.report_to, to_dict(cfg))
+        first, reward_offset = 0, 0
+        try:
+            for t, (reward_steps, rollouts) in enumerate(self.plan):
+                reward_end, end = first + reward_steps, first + reward_steps + rollouts
+                reward_dir = self.out / f"iter-{t + 1}" / "reward"
+                self.rl_metrics = {}  # stays empty for a round a resumed run finds already done
+                if step < reward_end:
+                    if step == first and t > 0:
+                        self.learner.start_iteration(policy_dir)
+                    reward_dir = self.reward_phase(t, step, reward_end, reward_offset, policy_dir, logger)
+                    step = reward_end
+                if step < end:
+                    policy_dir = self.rl_phase(t, policy_dir, reward_dir, rollouts, end)
+                    step = end
+                self.rounds.append({"iteration": t + 1, "reward_model": str(reward_dir), "policy": policy_dir,
+                                    "reward": self.history[-1] if self.history else {}, "rl": self.rl_metrics})
+                first, reward_offset = end, reward_offset + reward_steps
+        finally:
+            logger.close()
+        final = self.out / "final"
+        shutil.copytree(policy_dir, final, dirs_exist_ok=True)
+        return {"output_dir": str(self.out), "final_model": str(final), "steps": step, "history": self.history,
+                "iterations": self.rounds, "metrics": self.history[-1] if self.history else {}}
+
+    def rl_phase(self, t: int, policy_dir: str, reward_dir: Path, rollouts: int, end: int) -> str:
+        """Round t's RL step (continuing its own checkpoint if a resume finds one); then the round's
+        checkpoint, after which the RL run's step checkpoints (optimizer state) are no longer needed."""
+        rl_dir = self.out / f"iter-{t + 1}" / "rl"
+        result = train_online(online_config(self.cfg, policy_dir, reward_dir, rl_dir, t, rollouts), log=self.log)
+        self.rl_metrics = result["metrics"]
+        self.log(f"{self.cfg.method} iteration {t + 1}: demo accuracy "
+                 f"{self.history[-1]['reward/demo_accuracy'] if self.history else float('nan'):.3f}, "
+                 f"rl reward {result['metrics'].get('train/reward_mean', float('nan')):.3f}")
+        self.save(end, result["final_model"])
+        for checkpoint in list_checkpoints(rl_dir):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        return result["final_model"]
 
 
 def train_irl(config: IRLConfig, log=print) -> dict:
@@ -143,37 +268,4 @@ def train_irl(config: IRLConfig, log=print) -> dict:
     per reward step, keyed reward/...) and `iterations` (per round: reward and policy folders, the last
     reward-step metrics and the RL run's last metrics).
     """
-    cfg, out = config, Path(config.output_dir)
-    require_single_process(cfg.method)
-    begin_run(cfg, out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    set_seed(cfg.seed)
-    m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
-    learner = RewardLearner(cfg, tokenizer, device, log)
-    policy_dir, history, rounds, step = m.name_or_path, [], [], 0
-    logger = MetricsLogger(out, True, cfg.iterations * cfg.reward.steps, 0, False, cfg.method)
-    try:
-        for t in range(cfg.iterations):
-            learner.start_iteration(policy_dir)
-            policy = load_policy(policy_dir, **m.load_options(), device=device)
-            sampler = build_sampler(tokenizer, cfg.generation, policy_dir)
-            for _ in range(cfg.reward.steps):
-                metrics = {f"reward/{k}": v for k, v in learner.step(step, policy, sampler).items()}
-                step += 1
-                logger.log(step, {**metrics, "iteration": t})
-                history.append({"step": step, "iteration": t, **metrics})
-            del policy, sampler
-            reward_dir = save_model(learner.model, tokenizer, out / f"iter-{t + 1}" / "reward")
-            result = train_online(online_config(cfg, policy_dir, reward_dir, out / f"iter-{t + 1}" / "rl", t), log=log)
-            policy_dir = result["final_model"]
-            rounds.append({"iteration": t + 1, "reward_model": str(reward_dir), "policy": policy_dir,
-                           "reward": history[-1], "rl": result["metrics"]})
-            log(f"{cfg.method} iteration {t + 1}: demo accuracy {history[-1]['reward/demo_accuracy']:.3f}, "
-                f"rl reward {result['metrics'].get('train/reward_mean', float('nan')):.3f}")
-    finally:
-        logger.close()
-    final = out / "final"
-    shutil.copytree(policy_dir, final, dirs_exist_ok=True)
-    return {"output_dir": str(out), "final_model": str(final), "steps": step, "history": history,
-            "iterations": rounds, "metrics": history[-1] if history else {}}
+    return IRLRun(config, log).train()

@@ -11,31 +11,36 @@ policy pi_t, then makes `iteration.steps_per_iteration` optimizer steps on batch
 - spac: `spac_loss`, DPO of y > y' plus alpha * DPO on the pairs, both against the fixed reference pi0;
 - rpo_demos: `rpo_demos_loss`, per-token NLL of demonstrations plus alpha * DPO on the pairs (no sampling).
 Sequence log-probs are taken at temperature 1 for demonstrations and samples alike.
+
+`train.max_steps` (if > 0) sets the number of optimizer steps instead of `iteration.iterations`, the
+last round then possibly shorter. A checkpoint inside a round also holds the round's samples and, for
+SPIN, the round's reference pi_t, so a resumed run repeats the uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
 from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_reference
-from distalign.models import collate_pairs, collate_sequences, pair_logps, save_model, sequence_logps
+from distalign.models import collate_pairs, collate_sequences, pair_logps, sequence_logps
 from distalign.objectives.online_pairwise import rpo_demos_loss, spac_loss, spin_loss
 
-from .checkpoint import begin_run
-from .common import LogWindow, MetricsLogger, require_single_process
+from .checkpoint import load_trainable, trainable_state_dict
+from .common import LogWindow, require_single_process
 from .online_pairwise import PolicySession
 
 
 class IterativeTrainer(PolicySession):
     def __init__(self, cfg: OnlinePairwiseConfig, log=print):
         require_single_process(cfg.method)
-        it = cfg.iteration
-        self.total_steps = it.iterations * it.steps_per_iteration
-        super().__init__(cfg, self.total_steps, needs_reference=uses_reference(cfg), log=log)
+        super().__init__(cfg, needs_reference=uses_reference(cfg), log=log)
         self.demos = self.load(cfg.demonstrations, "demonstrations")
         self.pairs = self.load(cfg.pairs, "pairs") if cfg.method in ("spac", "rpo_demos") else None
+        it = cfg.iteration
+        data = {"demonstrations": self.demos, **({"pairs": self.pairs} if self.pairs is not None else {})}
+        self.start_schedule(cfg.train.max_steps or it.iterations * it.steps_per_iteration, 1, data,
+                            {"iteration": {"steps_per_iteration": it.steps_per_iteration}})
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -84,34 +89,61 @@ class IterativeTrainer(PolicySession):
             ref_demo, ref_own = self.frozen_logps(ref_model, prompts + prompts, demos + own).chunk(2)
         return spac_loss(demo_logps, own_logps, ref_demo, ref_own, *self.pair_terms(step), hp.beta, hp.alpha)
 
+    def start_round(self):
+        """A round's own samples y' ~ pi_t and (spin) the frozen pi_t it is measured against."""
+        samples = self.own_samples() if self.cfg.method != "rpo_demos" else None
+        previous = copy.deepcopy(self.policy).eval().requires_grad_(False) if self.cfg.method == "spin" else None
+        return samples, previous
+
+    def round_state(self, step: int, samples, previous) -> dict:
+        """What a checkpoint inside a round must hold besides the policy: the samples and pi_t."""
+        if step % self.cfg.iteration.steps_per_iteration == 0:
+            return {}  # the next round draws its own
+        state = {}
+        if samples is not None:
+            state["samples"] = torch.tensor([t for s in samples for t in s], dtype=torch.long)
+            state["sample_lengths"] = torch.tensor([len(s) for s in samples], dtype=torch.long)
+        if previous is not None:
+            state["previous"] = trainable_state_dict(previous)
+        return state
+
+    def restore_round(self, state: dict):
+        samples = previous = None
+        if "samples" in state:
+            samples = [s.tolist() for s in state["samples"].split(state["sample_lengths"].tolist())]
+        if "previous" in state:
+            previous = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            load_trainable(previous, state["previous"])
+        return samples, previous
+
     def train(self) -> dict:
-        t, it = self.cfg.train, self.cfg.iteration
-        out = Path(t.output_dir)
-        begin_run(self.cfg, out)
-        logger = MetricsLogger(out, True, self.total_steps, 0, t.progress_bar, self.cfg.method)
-        window, history, step = LogWindow(t.log_every, self.total_steps), [], 0
+        per_round = self.cfg.iteration.steps_per_iteration
+        save_every = self.cfg.train.save_every
+        state, logger = self.begin()
+        step, history = state["step"], []
+        window = LogWindow(self.cfg.train.log_every, self.total_steps)
+        samples, previous = self.restore_round(state)
         try:
-            for iteration in range(it.iterations):
-                samples = self.own_samples() if self.cfg.method != "rpo_demos" else None
-                previous = copy.deepcopy(self.policy).eval().requires_grad_(False) \
-                    if self.cfg.method == "spin" else None
-                for _ in range(it.steps_per_iteration):
-                    self.policy.train()
-                    with self.acc.autocast():
-                        loss = self.step_loss(step, samples, previous)
-                    metrics = self.optimizer_step(loss, step)
-                    step += 1
-                    values = {f"train/{k}": float(v) for k, v in metrics.items()}
-                    values["train/iteration"] = iteration
-                    if (line := window.add(step, values)) is not None:
-                        logger.log(step, line)
-                    logger.advance()
-                    history.append({"step": step, **values})
+            while step < self.total_steps:
+                iteration = step // per_round
+                if step % per_round == 0:
+                    samples, previous = self.start_round()
+                self.policy.train()
+                with self.acc.autocast():
+                    loss = self.step_loss(step, samples, previous)
+                metrics = self.optimizer_step(loss, step)
+                step += 1
+                values = {f"train/{k}": float(v) for k, v in metrics.items()}
+                values["train/iteration"] = iteration
+                if (line := window.add(step, values)) is not None:
+                    logger.log(step, line)
+                logger.advance()
+                history.append({"step": step, **values})
+                if save_every and step % save_every == 0 and step < self.total_steps:
+                    self.save(step, self.round_state(step, samples, previous))
         finally:
             logger.close()
-        final = save_model(self.policy, self.tokenizer, out / "final")
-        return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
-                "history": history, "metrics": history[-1] if history else {}}
+        return self.finish(history)
 
 
 def train_iterative(config: OnlinePairwiseConfig, log=print) -> dict:

@@ -31,6 +31,8 @@ from distalign.testbed.misspecification import majority_cycle, preference_table
 from distalign.testbed.tabular import DTYPE, expected_wins, make_problem, uniform_mu
 from distalign.testbed.tabular_fit import bt_reward_fit, single_thread, solve
 
+from .common import NonFiniteLossError
+
 
 def exploitability(policy_logps: Tensor, pref: Tensor) -> Tensor:
     """max_y P(y > pi) - 1/2 per context, P(y > pi) = sum_y' pi(y') P(y > y'). (X, K), (X, K, K) -> (X,).
@@ -80,6 +82,10 @@ def train_nash(cfg: NashConfig) -> dict:
     policies = {"nash_md": run_nash_md(pref, problem.ref_logps, cfg.eta, cfg.tau, cfg.steps),
                 "bt_rlhf": bradley_terry_rlhf(pref, problem.ref_logps, cfg.bt_beta),
                 "reference": problem.ref_logps}
+    broken = [name for name, logps in policies.items() if torch.isnan(logps).any() or torch.isposinf(logps).any()]
+    if broken:  # log-probs may be -inf (zero mass), never NaN or +inf
+        raise NonFiniteLossError(f"nash_md: the {broken[0]} policy is not finite after {cfg.steps} steps; results "
+                                 "not written (lower eta)")
     results = {"cycle": majority_cycle(pref).tolist(), "equilibrium": equilibrium.tolist(), "methods": {}}
     for name, logps in policies.items():
         results["methods"][name] = {

@@ -18,24 +18,25 @@ import torch
 from accelerate import Accelerator
 
 from distalign.config import OfflineConfig, to_dict
-from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer, save_model
+from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer
 
-from .checkpoint import begin_run, save_checkpoint_on_main
-from .sharded import gather_model_state, is_sharded
+from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
     MetricsLogger,
+    StepGuard,
     bf16_linear_weights,
     bf16_training_weights,
     build_optimizer,
     build_scheduler,
-    check_finite,
-    fp32_weights,
     load_records,
+    log_trainable_parameters,
     make_accelerator,
     record_length,
+    save_final,
     set_seed,
 )
 from .reference_cache import precompute_reference_logps
+from .sharded import is_sharded
 from .tasks import PairwiseTask, build_task
 
 LENGTH_GROUP = 50  # global batches sorted together by `group_by_length`
@@ -106,6 +107,8 @@ class OfflineTrainer:
                              if cfg.data.eval else [])
         self.model = self._load_model()
         masters = bf16_training_weights(self.model, cfg.train.mixed_precision, self.acc)
+        if self.acc.is_main_process:
+            log_trainable_parameters(self.model, log)
         # A reference-free objective loads pi0 only for the diagnostics, once, when asked to precompute it.
         wants_reference = self.task.needs_reference or cfg.precompute_reference
         self.reference = self._load_reference() if wants_reference else None
@@ -121,12 +124,24 @@ class OfflineTrainer:
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.batches.steps_per_epoch))
         self.optimizer = build_optimizer(self.model, cfg.optim, masters)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.identity = run_identity(cfg, self.model, data={"train": self.train_records},
+                                     global_batch=self.batches.global_batch, total_steps=self.total_steps,
+                                     objective={"loss": self.loss_settings()})
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if is_sharded(self.model) and t.save_merged:
+            raise ValueError("train.save_merged: not supported for an FSDP-sharded run; merge final/ afterwards")
         if is_sharded(self.model) and self.acc.is_main_process:
             log(f"FSDP2: parameters, gradients and optimizer state sharded over {self.acc.num_processes} processes")
+        self.guard = StepGuard(self.model.parameters(), self.optimizer, self.scheduler, cfg.optim.max_grad_norm,
+                               self.acc, t.on_nonfinite, log)
         self.ref_cache = self.eval_ref_cache = None
         if self.reference is not None and cfg.precompute_reference:
             self.precompute_reference()
+
+    def loss_settings(self) -> dict:
+        """The objective's hyperparameters in effect: its signature's defaults overridden by `loss.*`."""
+        objective = getattr(self.task, "objective", None)
+        return {**(objective.hyperparameters() if objective is not None else {}), **dict(self.cfg.loss)}
 
     def precompute_reference(self) -> None:
         """Reference log-probs of every train and eval pair, once (disk-cached); a separate frozen
@@ -180,16 +195,8 @@ class OfflineTrainer:
             step_loss += loss.detach()
             for k, v in {"loss": losses.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.float().sum()
-        check_finite(step_loss, step + 1)
-        norm = float("nan")
-        if self.cfg.optim.max_grad_norm > 0:
-            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
-            check_finite(torch.as_tensor(norm), step + 1, "gradient norm")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return sums, norm
+        norm = self.guard.step(step_loss, step + 1)
+        return sums, float(norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -211,16 +218,17 @@ class OfflineTrainer:
     def save(self, step: int, epoch: int) -> Path | None:
         return save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.acc.unwrap_model(self.model),
                                        self.optimizer, self.scheduler, {"step": step, "epoch": epoch},
-                                       keep=self.cfg.train.keep_checkpoints)
+                                       keep=self.cfg.train.keep_checkpoints, identity=self.identity)
 
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
-        start = begin_run(self.cfg, out, resume=t.resume, model=self.acc.unwrap_model(self.model),
-                          optimizer=self.optimizer, scheduler=self.scheduler, log=self.log,
-                          main_process=self.acc.is_main_process)
-        logger = MetricsLogger(out, self.acc.is_main_process, self.total_steps, start, t.progress_bar,
-                               f"{self.cfg.method}")
+        main = self.acc.is_main_process
+        start = begin_run(self.cfg, out, run=t, identity=self.identity, model=self.acc.unwrap_model(self.model),
+                          optimizer=self.optimizer, scheduler=self.scheduler, log=self.log, main_process=main,
+                          barrier=self.acc.wait_for_everyone)["step"]
+        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.cfg.method, t.report_to,
+                               to_dict(self.cfg))
         window, window_examples, history = {}, 0, []
         try:
             for step in range(start, self.total_steps):
@@ -241,19 +249,14 @@ class OfflineTrainer:
                     logger.log(done, self.evaluate())
                 if t.save_every and done % t.save_every == 0 and done < self.total_steps:
                     self.save(done, done // self.batches.steps_per_epoch)
+            # the last checkpoint comes before the final evaluation, so a resume of it logs that once
+            self.save(self.total_steps, self.total_steps // self.batches.steps_per_epoch)
+            final_eval = self.evaluate()
+            if final_eval:
+                logger.log(self.total_steps, final_eval)
         finally:
             logger.close()
-        final_eval = self.evaluate()
-        if final_eval:
-            logger_final = MetricsLogger(out, self.acc.is_main_process, progress_bar=False)
-            logger_final.log(self.total_steps, final_eval)
-            logger_final.close()
-        self.save(self.total_steps, self.total_steps // self.batches.steps_per_epoch)
-        model = self.acc.unwrap_model(self.model)
-        full = gather_model_state(model) if is_sharded(model) else None  # collective
-        if self.acc.is_main_process:
-            with fp32_weights(self.optimizer):  # a mixed_precision=bf16 run saves its fp32 masters
-                save_model(model, self.tokenizer, out / "final", state_dict=full)
+        save_final(self.acc.unwrap_model(self.model), self.tokenizer, out, t, self.acc, self.optimizer)
         return {"output_dir": str(out), "final_model": str(out / "final"), "steps": self.total_steps,
                 "history": history, "eval": final_eval}
 

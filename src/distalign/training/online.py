@@ -33,27 +33,29 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online import OnlineConfig
-from distalign.models import is_peft_model, load_policy, load_tokenizer, save_model
+from distalign.models import is_peft_model, load_policy, load_tokenizer
 from distalign.objectives.kl import sequence_kl_estimate
 from distalign.objectives.online_registry import RolloutTensors, get_online_objective
 from distalign.objectives.policy_gradient import masked_mean
 from distalign.rewards import build_reward
 
-from .checkpoint import begin_run, save_checkpoint_on_main
+from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
     LogWindow,
     MetricsLogger,
+    StepGuard,
     bf16_linear_weights,
     bf16_training_weights,
     build_optimizer,
     build_reference,
     build_scheduler,
-    check_finite,
-    fp32_weights,
     load_records,
+    log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
     process_sum,
+    sampling_settings,
+    save_final,
     set_seed,
 )
 from .rollout import ResponseForward, SampledBatch, completion_texts, grouped_response_forward
@@ -152,6 +154,8 @@ class OnlineTrainer:
         trained = PolicyWithValueHead(self.policy, self.value_head)
         # A LoRA policy without value head is checkpointed as itself (adapter weights only).
         self.module = self.policy if is_peft_model(self.policy) and self.value_head is None else trained
+        if self.acc.is_main_process:
+            log_trainable_parameters(trained, log)
         t = cfg.train
         self.global_batch = t.batch_size * self.acc.num_processes
         self.steps_per_epoch = len(self.records) // self.global_batch
@@ -162,7 +166,11 @@ class OnlineTrainer:
         self.optimizer = build_optimizer(trained, cfg.optim, masters)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          self.total_steps * cfg.update_epochs * cfg.num_minibatches)
+        self.identity = run_identity(cfg, trained, data={"train": self.records}, global_batch=self.global_batch,
+                                     total_steps=self.total_steps, objective=self.objective_settings())
         self.trained, self.optimizer = self.acc.prepare(trained, self.optimizer)
+        self.guard = StepGuard(self.trained.parameters(), self.optimizer, self.scheduler, cfg.optim.max_grad_norm,
+                               self.acc, t.on_nonfinite, log)
         self.reward = build_reward(cfg.rewards, self.device, m.trust_remote_code)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
         # The sampler's log-probs equal the update forward's (so they can be the old policy's) in full fp32
@@ -170,6 +178,13 @@ class OnlineTrainer:
         # head, and the old log-probs come from a no-grad forward of the training precision instead.
         self.sampler_logps_exact = (cfg.train.mixed_precision == "no"
                                     and all(p.dtype == torch.float32 for p in self.policy.parameters()))
+
+    def objective_settings(self) -> dict:
+        """What a resume must keep: the objective's settings, the reward sources and the sampling that
+        makes the rollouts (the sampler backend and its fast path may change)."""
+        return {"loss": to_dict(self.cfg.loss), "rewards": [to_dict(r) for r in self.cfg.rewards],
+                "generation": sampling_settings(self.cfg.generation), "update_epochs": self.cfg.update_epochs,
+                "num_minibatches": self.cfg.num_minibatches}
 
     def forward(self, model, batch: SampledBatch, value_head=None, with_entropy: bool = False) -> ResponseForward:
         return grouped_response_forward(model, batch, self.forward_group, self.cfg.generation.temperature,
@@ -268,12 +283,7 @@ class OnlineTrainer:
             total += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v * (len(micro) / len(rows))
-        check_finite(total, step + 1)
-        if self.cfg.optim.max_grad_norm > 0:
-            sums["grad_norm"] = self.acc.clip_grad_norm_(self.trained.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = self.guard.step(total, step + 1)
         return {"loss": total, **sums}
 
     def train_step(self, step: int) -> dict:
@@ -296,15 +306,18 @@ class OnlineTrainer:
 
     def save(self, step: int) -> Path | None:
         return save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.module, self.optimizer,
-                                       self.scheduler, {"step": step}, keep=self.cfg.train.keep_checkpoints)
+                                       self.scheduler, {"step": step}, keep=self.cfg.train.keep_checkpoints,
+                                       identity=self.identity)
 
     def train(self) -> dict:
         t = self.cfg.train
         out = Path(t.output_dir)
         main = self.acc.is_main_process
-        start = begin_run(self.cfg, out, resume=t.resume, model=self.module, optimizer=self.optimizer,
-                          scheduler=self.scheduler, log=self.log, main_process=main)
-        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.cfg.method)
+        start = begin_run(self.cfg, out, run=t, identity=self.identity, model=self.module, optimizer=self.optimizer,
+                          scheduler=self.scheduler, log=self.log, main_process=main,
+                          barrier=self.acc.wait_for_everyone)["step"]
+        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.cfg.method, t.report_to,
+                               to_dict(self.cfg))
         window, history = LogWindow(t.log_every, self.total_steps), []
         try:
             for step in range(start, self.total_steps):
@@ -321,8 +334,7 @@ class OnlineTrainer:
         self.save(self.total_steps)
         final = out / "final"
         if main:
-            with fp32_weights(self.optimizer):  # a mixed_precision=bf16 run saves its fp32 masters
-                save_model(self.policy, self.tokenizer, final)
+            save_final(self.policy, self.tokenizer, out, t, optimizer=self.optimizer)
             if self.value_head is not None:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},

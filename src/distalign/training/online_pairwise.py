@@ -34,24 +34,27 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_reference
-from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps, save_model
+from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps
 from distalign.objectives import distill_loss, dpo_loss, pmle_loss, score_function_kl
 from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
 from distalign.rewards import CallableJudge, build_reward
 
-from .checkpoint import begin_run, save_checkpoint_on_main
+from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
     LogWindow,
     MetricsLogger,
+    StepGuard,
     average_gradients,
     build_optimizer,
     build_reference,
     build_scheduler,
-    check_finite,
     load_records,
+    log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
     process_sum,
+    sampling_settings,
+    save_final,
     set_seed,
 )
 from .online import (OPPONENT_SAMPLING, SAMPLING, kl_metrics, process_uniforms, prompt_order, reward_parts,
@@ -61,9 +64,11 @@ from .sampling import MixtureSampler, build_sampler, sampler_options
 
 
 class PolicySession:
-    """What every loop here holds: tokenizer, policy, reference, optimizer, sampler and the data files."""
+    """What every loop here holds: tokenizer, policy, reference, optimizer, sampler and the data files;
+    `start_schedule` (once the data fixes the step count) adds the schedule, the guarded optimizer step
+    and the run identity, and `begin` / `save` / `finish` the run folder's checkpoints and final model."""
 
-    def __init__(self, cfg: OnlinePairwiseConfig, total_updates: int, needs_reference: bool, log=print):
+    def __init__(self, cfg: OnlinePairwiseConfig, needs_reference: bool, log=print):
         self.cfg, self.log = cfg, log
         self.acc = make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory, what=cfg.method)
         self.device = self.acc.device
@@ -75,10 +80,24 @@ class PolicySession:
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,
                                   gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if self.acc.is_main_process:
+            log_trainable_parameters(self.policy, log)
         self.reference = build_reference(self.policy, cfg.model, cfg.reference, self.device) if needs_reference else None
         self.optimizer = self.acc.prepare(build_optimizer(self.policy, cfg.optim))  # fp16 loss scaling
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_updates)
         self.sampler = build_sampler(self.tokenizer, cfg.generation, m.name_or_path)
+
+    def start_schedule(self, total_steps: int, updates_per_step: int, data: dict, objective: dict) -> None:
+        """The learning-rate schedule over `total_steps` x `updates_per_step` updates, the guarded optimizer
+        step and the run identity (taken now, from the initial weights)."""
+        cfg = self.cfg
+        self.total_steps = total_steps
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps * updates_per_step)
+        self.guard = StepGuard(self.policy.parameters(), self.optimizer, self.scheduler, cfg.optim.max_grad_norm,
+                               self.acc, cfg.train.on_nonfinite, self.log)
+        objective = {"loss": to_dict(cfg.loss), "rewards": [to_dict(r) for r in cfg.rewards], "judge": cfg.judge,
+                     "generation": sampling_settings(cfg.generation), "update_epochs": cfg.update_epochs, **objective}
+        self.identity = run_identity(cfg, self.policy, data=data, global_batch=self.global_batch(),
+                                     total_steps=total_steps, objective=objective)
 
     def load(self, path: str, kind: str) -> list:
         return load_records(self.cfg.data, path, kind, self.tokenizer, self.log)
@@ -121,28 +140,43 @@ class PolicySession:
         with self.reference.context() as ref_model:
             return self.token_logps(batch, ref_model)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, trainer_state: dict | None = None) -> None:
         save_checkpoint_on_main(self.acc, self.cfg.train.output_dir, step, self.policy, self.optimizer,
-                                self.scheduler, {"step": step}, keep=self.cfg.train.keep_checkpoints)
+                                self.scheduler, {"step": step, **(trainer_state or {})},
+                                keep=self.cfg.train.keep_checkpoints, identity=self.identity)
+
+    def begin(self) -> tuple[dict, MetricsLogger]:
+        """`begin_run` on this run's folder (restoring a checkpoint on resume) and its metrics logger."""
+        t = self.cfg.train
+        main = self.acc.is_main_process
+        state = begin_run(self.cfg, t.output_dir, run=t, identity=self.identity, model=self.policy,
+                          optimizer=self.optimizer, scheduler=self.scheduler, log=self.log, main_process=main,
+                          barrier=self.acc.wait_for_everyone)
+        logger = MetricsLogger(t.output_dir, main, self.total_steps, state["step"], t.progress_bar, self.cfg.method,
+                               t.report_to, to_dict(self.cfg))
+        return state, logger
+
+    def finish(self, history: list) -> dict:
+        """The last checkpoint and final/ (main process); the result every loop here returns."""
+        self.save(self.total_steps)
+        out = Path(self.cfg.train.output_dir)
+        if self.acc.is_main_process:
+            save_final(self.policy, self.tokenizer, out, self.cfg.train, optimizer=self.optimizer)
+        self.acc.wait_for_everyone()
+        return {"output_dir": str(out), "final_model": str(out / "final"), "steps": self.total_steps,
+                "history": history, "metrics": history[-1] if history else {}}
 
     def optimizer_step(self, loss: torch.Tensor, step: int) -> dict:
-        check_finite(loss.detach(), step + 1)
         self.acc.backward(loss)
         average_gradients(self.policy, self.acc)
-        metrics = {"loss": loss.detach()}
-        if self.cfg.optim.max_grad_norm > 0:
-            metrics["grad_norm"] = self.acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return metrics
+        return {"loss": loss.detach(), "grad_norm": self.guard.step(loss, step + 1)}
 
 
 class OnlinePairwiseTrainer(PolicySession):
     def __init__(self, cfg: OnlinePairwiseConfig, log=print):
         self.method, self.k = cfg.method, cfg.generation.num_samples
         mixture = cfg.loss.mixture if cfg.method == "nash_md_pg" else 0.0
-        super().__init__(cfg, 1, uses_reference(cfg), log)
+        super().__init__(cfg, uses_reference(cfg), log)
         # Nash-MD-PG's opponent; with mixture 0 it is the policy itself (self-play), drawn by `sampler`.
         self.opponent_sampler = self.sampler
         if mixture > 0:
@@ -152,8 +186,8 @@ class OnlinePairwiseTrainer(PolicySession):
         kind, path = ("pairs", cfg.pairs) if cfg.method == "pmle_online" else ("prompts", cfg.data.train)
         self.records = self.load(path, kind)
         t = cfg.train
-        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // self.global_batch())))
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.update_epochs)
+        self.start_schedule(t.max_steps or max(1, math.floor(t.epochs * (len(self.records) // self.global_batch()))),
+                            cfg.update_epochs, {"train": self.records}, {})
         self.reward = build_reward(cfg.rewards, self.device, cfg.model.trust_remote_code) if cfg.rewards else None
         self.judge = CallableJudge(cfg.judge) if cfg.judge else None
 
@@ -267,14 +301,10 @@ class OnlinePairwiseTrainer(PolicySession):
 
     def train(self) -> dict:
         t = self.cfg.train
-        out = Path(t.output_dir)
-        main = self.acc.is_main_process
-        start = begin_run(self.cfg, out, resume=t.resume, model=self.policy, optimizer=self.optimizer,
-                          scheduler=self.scheduler, log=self.log, main_process=main)
-        logger = MetricsLogger(out, main, self.total_steps, start, t.progress_bar, self.method)
+        state, logger = self.begin()
         window, history = LogWindow(t.log_every, self.total_steps), []
         try:
-            for step in range(start, self.total_steps):
+            for step in range(state["step"], self.total_steps):
                 self.policy.train()
                 metrics = {f"train/{k}": v for k, v in mean_over_processes(self.train_step(step), self.acc).items()}
                 if (line := window.add(step + 1, metrics)) is not None:
@@ -285,13 +315,7 @@ class OnlinePairwiseTrainer(PolicySession):
                     self.save(step + 1)
         finally:
             logger.close()
-        self.save(self.total_steps)
-        final = out / "final"
-        if main:
-            save_model(self.policy, self.tokenizer, final)
-        self.acc.wait_for_everyone()
-        return {"output_dir": str(out), "final_model": str(final), "steps": self.total_steps,
-                "history": history, "metrics": history[-1] if history else {}}
+        return self.finish(history)
 
 
 def train_online_pairwise(config: OnlinePairwiseConfig, log=print) -> dict:

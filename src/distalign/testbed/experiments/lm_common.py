@@ -68,7 +68,8 @@ def run_offline(method: str, model_dir: Path, train_path: Path, out_dir: Path, *
     step counts.
     """
     overrides = [f"method={method}", f"model.name_or_path={model_dir}", f"data.train={train_path}",
-                 f"train.output_dir={out_dir}", f"train.max_steps={steps}", f"train.batch_size={batch_size}",
+                 f"train.output_dir={out_dir}", "train.overwrite=true", f"train.max_steps={steps}",
+                 f"train.batch_size={batch_size}",
                  f"train.seed={seed}", f"train.log_every={max(1, steps // 20)}", "train.progress_bar=false",
                  f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", f"optim.schedule={schedule}",
                  "data.max_prompt_length=16", "data.max_length=32"]

@@ -68,7 +68,7 @@ def train_iterative_method(method: str, start: Path, files: dict, out: Path, pla
     sampling = ["generation.max_new_tokens=4", "generation.temperature=1.0"] if method != "rpo_demos" else []
     cfg = load_config(OnlinePairwiseConfig, None, [
         f"method={method}", f"model.name_or_path={start}", *pairs, *sampling,
-        f"demonstrations={files['demos']}", f"train.output_dir={out}", f"train.seed={seed}",
+        f"demonstrations={files['demos']}", f"train.output_dir={out}", "train.overwrite=true", f"train.seed={seed}",
         "train.batch_size=32", "train.progress_bar=false", f"optim.learning_rate={plan['learning_rate']}",
         "optim.schedule=constant", f"loss.beta={plan['beta']}",
         f"iteration.iterations={1 if method == 'rpo_demos' else plan['iterations']}",
@@ -79,7 +79,7 @@ def train_iterative_method(method: str, start: Path, files: dict, out: Path, pla
 def train_aihf(method: str, start: Path, files: dict, out: Path, plan: dict, seed: int) -> Path:
     cfg = load_config(IRLConfig, None, [
         "method=aihf", f"model.name_or_path={start}", f"demonstrations={files['demos']}", f"pairs={files['pairs']}",
-        f"output_dir={out}", f"seed={seed}", f"iterations={plan['aihf_iterations']}",
+        f"train.output_dir={out}", "train.overwrite=true", f"train.seed={seed}", f"iterations={plan['aihf_iterations']}",
         "generation.max_new_tokens=4", "generation.temperature=1.0", "generation.num_samples=4",
         f"reward.steps={plan['reward_steps']}", "reward.batch_size=32", "reward.learning_rate=3e-3",
         "reward.alpha=1.0", "rl.method=rloo", f"rl.steps={plan['rl_steps']}", "rl.batch_size=16",
