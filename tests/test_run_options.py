@@ -11,7 +11,7 @@ from distalign.config import ConfigError, OfflineConfig, load_config
 
 SHAPE = ["train.max_steps=7", "train.output_dir=runs/x", "train.seed=3"]
 NEEDS = {"model.name_or_path=m", "data.train=d.jsonl", "demonstrations=d.jsonl", "pairs=p.jsonl",
-         "rewards=[{kind: callable, path: 'm:f'}]"}
+         "rewards=[{kind: regex, pattern: a}]"}
 
 
 @pytest.mark.parametrize("method", [m for methods, _, _ in method_families() for m in methods if m != "nash_md"])

@@ -32,8 +32,8 @@ import torch
 
 from distalign.config import build_dataclass, to_dict
 from distalign.config.irl import IRLConfig
-from distalign.config.schema import OptimConfig
 from distalign.config.online import OnlineConfig
+from distalign.config.schema import OptimConfig
 from distalign.data import tokenize_responses
 from distalign.models import (
     collate_sequences,
@@ -47,7 +47,6 @@ from distalign.objectives.online_pairwise import aihf_reward_loss
 
 from .checkpoint import begin_run, latest_checkpoint, list_checkpoints, run_identity, save_checkpoint
 from .common import (
-    MetricsLogger,
     StepGuard,
     build_optimizer,
     load_records,
@@ -55,6 +54,7 @@ from .common import (
     sampling_settings,
     set_seed,
 )
+from .metrics_log import MetricsLogger
 from .online import prompt_order, train_online
 from .rollout import completion_texts
 from .sampling import build_sampler

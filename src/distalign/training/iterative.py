@@ -27,7 +27,8 @@ from distalign.models import collate_pairs, collate_sequences, pair_logps, seque
 from distalign.objectives.online_pairwise import rpo_demos_loss, spac_loss, spin_loss
 
 from .checkpoint import load_trainable, trainable_state_dict
-from .common import LogWindow, require_single_process
+from .common import require_single_process
+from .metrics_log import LogWindow
 from .online_pairwise import PolicySession
 
 

@@ -22,7 +22,6 @@ from distalign.models import ReferenceModel, load_policy, load_reward_model, loa
 
 from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
-    MetricsLogger,
     StepGuard,
     bf16_linear_weights,
     bf16_training_weights,
@@ -35,6 +34,7 @@ from .common import (
     save_final,
     set_seed,
 )
+from .metrics_log import MetricsLogger
 from .reference_cache import precompute_reference_logps
 from .sharded import is_sharded
 from .tasks import PairwiseTask, build_task

@@ -41,8 +41,6 @@ from distalign.rewards import build_reward
 
 from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
-    LogWindow,
-    MetricsLogger,
     StepGuard,
     bf16_linear_weights,
     bf16_training_weights,
@@ -58,6 +56,7 @@ from .common import (
     save_final,
     set_seed,
 )
+from .metrics_log import LogWindow, MetricsLogger
 from .rollout import ResponseForward, SampledBatch, completion_texts, grouped_response_forward
 from .sampling import build_sampler
 from .value_head import PolicyWithValueHead, build_value_head

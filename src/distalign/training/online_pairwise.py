@@ -41,8 +41,6 @@ from distalign.rewards import CallableJudge, build_reward
 
 from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
-    LogWindow,
-    MetricsLogger,
     StepGuard,
     average_gradients,
     build_optimizer,
@@ -57,6 +55,7 @@ from .common import (
     save_final,
     set_seed,
 )
+from .metrics_log import LogWindow, MetricsLogger
 from .online import (OPPONENT_SAMPLING, SAMPLING, kl_metrics, process_uniforms, prompt_order, reward_parts,
                      score_samples)
 from .rollout import SampledBatch, response_forward
