@@ -52,7 +52,9 @@ class Check:
     `extra` overrides of the changed run only. `refused`: the methods that must refuse it (ALL: every
     one); `methods`: the methods the check applies to (default every one); `observe="output_dir"`: the
     run must write under the given folder instead of comparing records; `prepare`: run first with
-    `train.max_steps=1` in the same folder (resume)."""
+    `train.max_steps=1` in the same folder and with `context` only (a resume, a reused folder); `unlocks`:
+    the run without the field fails (a bad row, a reused folder, a non-finite step) and the field makes
+    it go through."""
     value: str | Callable
     refused: frozenset | set | tuple = ()
     context: tuple | Callable = ()
@@ -61,6 +63,7 @@ class Check:
     skip: frozenset = frozenset()
     observe: str | None = None
     prepare: bool = False
+    unlocks: bool = False
 
     def uniform(self) -> bool:
         """The same expectation for every method (no method-specific refusal, value or restriction)."""
@@ -225,14 +228,16 @@ class Walk:
         self.family, self.e, self.spies, self.monkeypatch, self.tmp = family, e, spies, monkeypatch, tmp
         self.baselines, self.count = {}, 0
 
-    def run(self, method: str, overrides: list, prepare: bool = False, out: Path | None = None):
+    def run(self, method: str, overrides: list, prepare: tuple | None = None, out: Path | None = None):
+        """One run of `method` with `overrides`; `prepare` (overrides of its own) first runs one step
+        into the same folder."""
         self.count += 1
         out = out or self.tmp / f"{method}-{self.count}"
         family, e = self.family, self.e
 
         def train():
-            if prepare:
-                first = load_config(family.schema, None, [*family.base(e, method, out), *overrides,
+            if prepare is not None:
+                first = load_config(family.schema, None, [*family.base(e, method, out), *prepare,
                                                           "train.max_steps=1", "train.resume=false"])
                 family.train(first, method)
             family.train(load_config(family.schema, None, [*family.base(e, method, out), *overrides]), method)
@@ -243,7 +248,7 @@ class Walk:
         exactly, or "differs" would mean nothing."""
         key = (method, context, prepare)
         if key not in self.baselines:
-            first = self.run(method, list(context), prepare)
+            first = self.run(method, list(context), context if prepare else None)
             if not context and not prepare:
                 second = self.run(method, [])
                 assert first == second, f"{method} is not deterministic: {first.differences(second)} differ"
@@ -276,9 +281,11 @@ def probe(walk: Walk, method: str, field: str, check: Check) -> str | None:
     refused = check.is_refused(method)
     prepare = check.prepare and not refused
     base = walk.baseline(method, context, prepare)
-    if base.error is not None and field != "data.skip_invalid":
+    if check.unlocks and (base.error is None or "\n" in base.error):
+        return f"{where}: the run without the field should fail in one line, got {base.error!r}"
+    if base.error is not None and not check.unlocks:
         return f"{where}: the run without the field fails: {base.error}"
-    rec = walk.run(method, [*context, assignment(field, value), *check.extra], prepare)
+    rec = walk.run(method, [*context, assignment(field, value), *check.extra], context if prepare else None)
     if refused:
         if rec.error is None:
             return f"{where}: expected a one-line refusal, but the run went through"

@@ -40,8 +40,7 @@ def method_overrides(method: str, data: Path) -> list[str]:
     """The command-line settings of one method's run on the workspace's data."""
     offline = {"sft": "demonstrations", "dpo": "pairs", "ipo": "pairs"}
     if method in offline:
-        return [f"data.train={data / offline[method]}.jsonl", "train.batch_size=4", "train.max_steps=10",
-                "train.log_every=1", *OPTIM]
+        return [f"data.train={data / offline[method]}.jsonl", "train.batch_size=4", "train.max_steps=10", *OPTIM]
     if method in ("grpo", "rloo", "ppo"):
         extra = ["update_epochs=2", "num_minibatches=2"] if method == "ppo" else []
         return [f"data.train={data / 'prompts.jsonl'}", REWARD, "train.batch_size=4", "generation.num_samples=4",
@@ -49,15 +48,21 @@ def method_overrides(method: str, data: Path) -> list[str]:
     if method in ("online_dpo", "rebel"):
         return [f"data.train={data / 'prompts.jsonl'}", REWARD, "train.batch_size=4", "generation.num_samples=2",
                 "train.max_steps=6", *SAMPLING, *OPTIM]
+    pairs = [f"pairs={data / 'pairs.jsonl'}"] if method in ("spac", "rpo_demos", "aihf") else []  # the others read none
     if method in ("spin", "spac", "rpo_demos"):
-        return [f"demonstrations={data / 'demonstrations.jsonl'}", f"pairs={data / 'pairs.jsonl'}",
-                "train.batch_size=8", "train.max_steps=6", "iteration.steps_per_iteration=3", *SAMPLING, *OPTIM]
+        sampling = list(SAMPLING) if method != "rpo_demos" else []  # rpo_demos draws no samples
+        return [f"demonstrations={data / 'demonstrations.jsonl'}", *pairs, "train.batch_size=8", "train.max_steps=6",
+                "iteration.steps_per_iteration=3", *sampling, *OPTIM]
     if method in ("irl", "aihf"):
-        return [f"demonstrations={data / 'demonstrations.jsonl'}", f"pairs={data / 'pairs.jsonl'}",
-                f"data.train={data / 'prompts.jsonl'}", "train.max_steps=8", "reward.steps=2", "rl.steps=2",
+        return [f"demonstrations={data / 'demonstrations.jsonl'}", *pairs, f"data.train={data / 'prompts.jsonl'}", "train.max_steps=8", "reward.steps=2", "rl.steps=2",
                 "reward.batch_size=8", "rl.batch_size=4", "generation.num_samples=2", "reward.learning_rate=1e-3",
                 "rl.optim.learning_rate=1e-3", *SAMPLING]
     raise ValueError(f"kill_resume: no settings for method {method!r}")
+
+
+def logged_every_step(method: str) -> list[str]:
+    """Every step logged (the kill moments wait for metrics lines); irl / aihf always log every step."""
+    return [] if method in ("irl", "aihf") else ["train.log_every=1"]
 
 
 METHODS = ("sft", "dpo", "grpo", "ppo", "rloo", "online_dpo", "rebel", "spin", "spac", "rpo_demos", "irl", "aihf")
@@ -83,7 +88,7 @@ def start(method: str, root: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(root), os.environ.get("PYTHONPATH", "")]),
            "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "distalign", "train", method, f"model.name_or_path={root / 'tiny'}",
-               f"train.output_dir={out}", *COMMON, *method_overrides(method, root / "data"), *extra]
+               f"train.output_dir={out}", *COMMON, *logged_every_step(method), *method_overrides(method, root / "data"), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

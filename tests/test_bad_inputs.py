@@ -150,7 +150,7 @@ OVERRIDE_CASES = [
     ("spin_iterations_zero", [*SPIN, "iteration.iterations=0"], [CL, "'iteration.iterations'"]),
     ("irl_reward_learning_rate", [*IRL, "reward.learning_rate=0"], [CL, "'reward.learning_rate'"]),
     ("irl_rl_steps", [*IRL, "rl.steps=0"], [CL, "'rl.steps'"]),
-    ("nash_md_eta", ["train", "nash_md", "output_dir={saved}", "eta=0"], [CL, "'eta'"]),
+    ("nash_md_eta", ["train", "nash_md", "train.output_dir={saved}", "eta=0"], [CL, "'eta'"]),
     ("unknown_method", ["train", "dpoo", "model.name_or_path={tiny}"], [CL, "unknown method 'dpoo'", "valid:"]),
     ("testbed_unknown_experiment", ["testbed", "no-such", "--out", "{saved}"], [CL, "unknown experiment"]),
     ("testbed_config_not_configurable", ["testbed", "rate", "--out", "{saved}", "--config", "{tmp}/x.yaml"],

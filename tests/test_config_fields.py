@@ -155,21 +155,30 @@ def data_checks(train: Callable, bad: Callable, refused_eval=(), refused_max_len
         "data.max_prompt_length": [C(lambda e, m: str(e.prompt_limit), context=("data.skip_invalid=true",))],
         "data.max_length": [C(lambda e, m: str(e.max_prompt + 1), refused_max_length,
                               context=lambda e, m: (f"data.max_prompt_length={e.max_prompt}",))],
-        "data.skip_invalid": [C("true", context=lambda e, m: (bad(e, m),))],
+        "data.skip_invalid": [C("true", context=lambda e, m: (bad(e, m),), unlocks=True)],
     }
 
 
-def run_checks(refused_iterative=(), prefix: str = "train.") -> dict:
-    it = frozenset(refused_iterative)
+def run_checks(refused_epochs=(), huge_lr="optim.learning_rate=1e39", lora=True) -> dict:
+    """train.*: a resume, train.overwrite and train.resume_allow run after a one-step run into the same
+    folder (which a plain second run refuses); on_nonfinite=skip lets a run with `huge_lr` finish."""
+    no_epochs = frozenset(refused_epochs)
+    more_steps = ("train.resume_allow=[max_steps]",)  # the one-step run's step count differs
     return {
-        prefix + "output_dir": [C("", observe="output_dir")], prefix + "seed": [C("1")],
-        prefix + "batch_size": [C("3")], prefix + "max_steps": [C("3", it)],
-        prefix + "epochs": [C("0.5", it, context=lambda e, m: () if m in it else ("train.max_steps=0",))],
-        prefix + "log_every": [C("2")], prefix + "save_every": [C("1", it)],
-        prefix + "keep_checkpoints": [C("1", it, context=lambda e, m: () if m in it else ("train.save_every=1",))],
-        prefix + "mixed_precision": [C("bf16")], prefix + "retain_freed_memory": [C("false")],
-        prefix + "gradient_checkpointing": [C("true")],
-        prefix + "resume": [C("true", it, prepare=True)], prefix + "progress_bar": [C("true")],
+        "train.output_dir": [C("", observe="output_dir")], "train.seed": [C("1")],
+        "train.batch_size": [C("3")], "train.max_steps": [C("3")],
+        "train.epochs": [C("0.5", no_epochs, context=lambda e, m: () if m in no_epochs else ("train.max_steps=0",))],
+        "train.log_every": [C("2")], "train.save_every": [C("1")],
+        "train.keep_checkpoints": [C("1", context=("train.save_every=1",))],
+        "train.mixed_precision": [C("bf16")], "train.retain_freed_memory": [C("false")],
+        "train.gradient_checkpointing": [C("true")], "train.progress_bar": [C("true")],
+        "train.resume": [C("true", prepare=True, unlocks=True, extra=more_steps)],
+        "train.overwrite": [C("true", prepare=True, unlocks=True)],
+        "train.resume_allow": [C("[max_steps]", ALL),
+                               C("[max_steps]", context=("train.resume=true",), prepare=True, unlocks=True)],
+        "train.report_to": [C("none")],
+        "train.on_nonfinite": [C("skip", context=(huge_lr,), unlocks=True)],
+        "train.save_merged": [C("true", ALL)] + ([C("true", context=("model.lora={}",))] if lora else []),
     }
 
 
@@ -287,7 +296,7 @@ def pairwise_checks(e: Env) -> dict:
                                f"pairs={getattr(e, 'pairs' + s)}" if m in NEEDS_PAIRS else
                                f"demonstrations={getattr(e, 'demos' + s)}")
     return {
-        "method": [], **model_checks(e), **optim_checks(), **run_checks(refused_iterative=it),
+        "method": [], **model_checks(e), **optim_checks(), **run_checks(refused_epochs=it),
         **generation_checks(refused_all={"rpo_demos"}, refused_samples=it,
                             refused_penalty={"pmle_online", *it}),
         **reward_checks(refused=others(scored, PAIRWISE)),
@@ -309,15 +318,16 @@ def pairwise_checks(e: Env) -> dict:
         "loss.mixture": [C("0.5", others(["nash_md_pg"], PAIRWISE))],
         "loss.alpha": [C("0.5", others(["spac", "rpo_demos"], PAIRWISE))],
         "update_epochs": [C("2", others(["online_dpo", "online_distill", "rebel"], PAIRWISE))],
-        "iteration.iterations": [C("3", others(it, PAIRWISE))],
-        "iteration.steps_per_iteration": [C("3", others(it, PAIRWISE))],
+        "iteration.iterations": [C("3", others(it, PAIRWISE), context=lambda e, m: ("train.max_steps=0",) * (m in it)),
+                                 C("3", ALL, methods=tuple(it))],  # train.max_steps sets the length
+        "iteration.steps_per_iteration": [C("1", others(it, PAIRWISE))],
     }
 
 
 def nash_checks(e: Env) -> dict:
     values = {"n_contexts": "3", "n_responses": "5", "switch": "gamma_mismatch", "strength": "4.0", "eta": "0.3",
-              "tau": "0.05", "steps": "6", "bt_beta": "0.05", "seed": "1"}
-    return {"method": [], "output_dir": [C("", observe="output_dir")], **{k: [C(v)] for k, v in values.items()}}
+              "tau": "0.05", "train.max_steps": "6", "bt_beta": "0.05", "train.seed": "1"}
+    return {"method": [], "train.output_dir": [C("", observe="output_dir")], **{k: [C(v)] for k, v in values.items()}}
 
 
 def irl_checks(e: Env) -> dict:
@@ -326,11 +336,15 @@ def irl_checks(e: Env) -> dict:
         **data_checks(lambda e, m: e.prompts_b, lambda e, m: f"demonstrations={e.demos_bad}", refused_eval=ALL),
         "reference": [C(e.other), C(e.other, ALL, context=("rl.loss.kl_coef=0",))],
         "demonstrations": [C(e.demos_b)], "pairs": [C(e.pairs_b, {"irl"})],
-        "output_dir": [C("", observe="output_dir")], "seed": [C("1")], "iterations": [C("2")],
-        "progress_bar": [C("true")], "gradient_checkpointing": [C("true")],
+        **run_checks(huge_lr="rl.optim.learning_rate=1e39", lora=False),
+        **{f"train.{name}": [C(value, ALL)] for name, value in (
+            ("batch_size", "3"), ("gradient_accumulation_steps", "2"), ("epochs", "0.5"), ("log_every", "2"),
+            ("eval_every", "1"))},  # reward.* and rl.* set the batches and steps
+        "train.max_steps": [C("2")],
+        "iterations": [C("3", context=("train.max_steps=0",)), C("3", ALL)],  # train.max_steps sets the length
         "reward.steps": [C("2")], "reward.batch_size": [C("3")], "reward.learning_rate": [C("1e-2")],
         "reward.weight_decay": [C("0.5")], "reward.max_grad_norm": [C("1e-4")], "reward.demo_weight": [C("0.5")],
-        "reward.alpha": [C("0.5", {"irl"})], "reward.reinit": [C("true", context=("iterations=2",))],
+        "reward.alpha": [C("0.5", {"irl"})], "reward.reinit": [C("true", context=("train.max_steps=6",))],
         "reward.init": [C(e.other)],
         "rl.method": [C("grpo")], "rl.steps": [C("3")], "rl.batch_size": [C("3")],
         "rl.update_epochs": [C("2")], "rl.num_minibatches": [C("2")], "rl.loss.kl_coef": [C("0.2")],
@@ -383,8 +397,7 @@ def pairwise_base(e, m, out):
     fields += [f"data.train={e.prompts}", f"rewards={REWARD}"] if m in NEEDS_SCORES else []
     fields += [f"pairs={e.pairs}"] if m in NEEDS_PAIRS else []
     fields += [f"demonstrations={e.demos}"] if m in NEEDS_DEMOS else []
-    fields += ["train.max_steps=2"] if m in LOOP_METHODS else ["iteration.iterations=1",
-                                                               "iteration.steps_per_iteration=2"]
+    fields += ["train.max_steps=2"] + (["iteration.steps_per_iteration=2"] if m in ITERATIVE_METHODS else [])
     fields += ["generation.max_new_tokens=3", "generation.temperature=1.0"] if m != "rpo_demos" else []
     return fields
 
@@ -392,10 +405,10 @@ def pairwise_base(e, m, out):
 def irl_base(e, m, out):
     pairs = [f"pairs={e.pairs}"] if m == "aihf" else []
     return [f"method={m}", f"model.name_or_path={e.policy}", f"demonstrations={e.demos}", *pairs,
-            "iterations=1", "reward.steps=1", "reward.batch_size=2", "rl.steps=2", "rl.batch_size=2",
-            "rl.optim.learning_rate=1e-2",
+            "train.max_steps=3", "reward.steps=1", "reward.batch_size=2", "rl.steps=2", "rl.batch_size=2",
+            "rl.optim.learning_rate=1e-2", "train.progress_bar=false",
             "generation.max_new_tokens=3", "generation.num_samples=2", "generation.temperature=1.0",
-            f"output_dir={out}"]
+            f"train.output_dir={out}"]
 
 
 def train_offline_(cfg, m):
@@ -434,11 +447,9 @@ FAMILIES = {
                      groups=(("rloo", "reinforce", "reverse_kl"),)),
     "online_pairwise": Family(OnlinePairwiseConfig, PAIRWISE, pairwise_checks, pairwise_base, train_pairwise_,
                               groups=(("online_dpo", "online_distill", "rebel"), ("spin", "spac"))),
-    "nash": Family(NashConfig, ("nash_md",), nash_checks, lambda e, m, out: [f"method={m}", "steps=5",
-                                                                           f"output_dir={out}"], train_nash_,
-                   output_key="output_dir"),
-    "irl": Family(IRLConfig, IRL, irl_checks, irl_base, train_irl_, groups=(("aihf", "irl"),),
-                  output_key="output_dir"),
+    "nash": Family(NashConfig, ("nash_md",), nash_checks, lambda e, m, out: [f"method={m}", "train.max_steps=5",
+                                                                           f"train.output_dir={out}"], train_nash_),
+    "irl": Family(IRLConfig, IRL, irl_checks, irl_base, train_irl_, groups=(("aihf", "irl"),)),
 }
 
 

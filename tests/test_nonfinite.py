@@ -95,9 +95,10 @@ def test_online_pairwise_and_iterative_stop_before_saving(world_dir, tmp_path, r
     from distalign.training.iterative import train_iterative
     from distalign.training.online_pairwise import train_online_pairwise
     out, data = tmp_path / method, world_dir / "data"
-    cfg = load_config(OnlinePairwiseConfig, None, [
-        f"method={method}", f"data.train={data / 'prompts.jsonl'}", f"demonstrations={data / 'demonstrations.jsonl'}",
-        rewards, "train.batch_size=4", "train.max_steps=3", "generation.num_samples=2", *common(world_dir, out)])
+    inputs = ([f"demonstrations={data / 'demonstrations.jsonl'}"] if method == "spin" else
+              [f"data.train={data / 'prompts.jsonl'}", rewards, "generation.num_samples=2"])
+    cfg = load_config(OnlinePairwiseConfig, None, [f"method={method}", *inputs, "train.batch_size=4",
+                                                   "train.max_steps=3", *common(world_dir, out)])
     with pytest.raises(NonFiniteLossError, match="step 1: the weights after the optimizer step are not finite"):
         (train_iterative if method == "spin" else train_online_pairwise)(cfg, log=lambda *_: None)
     assert_nothing_saved(out)
