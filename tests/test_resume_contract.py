@@ -235,6 +235,24 @@ def test_iterative_methods_resume_bitwise_inside_a_round(world_dir, tmp_path, mo
     assert [h["train/loss"] for h in straight["history"][4:]] == [h["train/loss"] for h in resumed["history"]]
 
 
+def test_an_iterative_run_that_ended_inside_a_round_trains_further_bitwise(world_dir, tmp_path):
+    """spin, rounds of 3: a 2-step run, resumed to 5 steps with train.resume_allow=[max_steps], continues
+    round 1 with its samples and pi_t and ends as a straight 5-step run (constant schedule: the step
+    count does not enter the learning rate)."""
+    from distalign.config import load_config
+    from distalign.config.online_pairwise import OnlinePairwiseConfig
+    from distalign.training.iterative import train_iterative
+
+    def run(out, *extra):
+        args = iterative_args(world_dir, "spin", out, "optim.schedule=constant", *extra)
+        return train_iterative(load_config(OnlinePairwiseConfig, None, ["method=spin", *args]), log=lambda *_: None)
+    straight = run(tmp_path / "straight", "train.max_steps=5")
+    run(tmp_path / "more", "train.max_steps=2")
+    more = run(tmp_path / "more", "train.max_steps=5", "train.resume=true", "train.resume_allow=[max_steps]")
+    a, b = load_file(straight["final_model"] + "/model.safetensors"), load_file(more["final_model"] + "/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_irl_resumes_bitwise_in_the_reward_step_and_in_the_rl_step(world_dir, tmp_path, monkeypatch):
     """aihf, 2 rounds of 2 reward steps + 2 rollouts: a crash in round 2's reward step, then one in its
     RL step; each resume continues from the last checkpoint and the final policy is the uninterrupted one."""

@@ -144,7 +144,9 @@ class IterativeTrainer(PolicySession):
                     self.save(step, self.round_state(step, samples, previous))
         finally:
             logger.close()
-        return self.finish(history)
+        # A run that ends inside a round may be resumed with more steps (train.resume_allow=[max_steps]):
+        # its last checkpoint holds the round's samples and pi_t like any other.
+        return self.finish(history, self.round_state(step, samples, previous))
 
 
 def train_iterative(config: OnlinePairwiseConfig, log=print) -> dict:

@@ -155,9 +155,10 @@ class PolicySession:
                                t.report_to, to_dict(self.cfg))
         return state, logger
 
-    def finish(self, history: list) -> dict:
-        """The last checkpoint and final/ (main process); the result every loop here returns."""
-        self.save(self.total_steps)
+    def finish(self, history: list, trainer_state: dict | None = None) -> dict:
+        """The last checkpoint (with `trainer_state`) and final/ (main process); the result every loop here
+        returns."""
+        self.save(self.total_steps, trainer_state)
         out = Path(self.cfg.train.output_dir)
         if self.acc.is_main_process:
             save_final(self.policy, self.tokenizer, out, self.cfg.train, optimizer=self.optimizer)
