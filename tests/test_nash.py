@@ -24,7 +24,7 @@ def test_equilibrium_of_the_tutorial_cycle_is_uniform():
 
 
 def test_nash_md_approaches_the_mixed_equilibrium_where_bt_cannot(tmp_path):
-    cfg = load_config(NashConfig, None, ["steps=600", "eta=1.0", "tau=0.02", f"output_dir={tmp_path}"])
+    cfg = load_config(NashConfig, None, ["train.max_steps=600", "eta=1.0", "tau=0.02", f"train.output_dir={tmp_path}"])
     results = train_nash(cfg)
     assert all(results["cycle"])                       # the annotators' majority relation is cyclic
     nash, bt = results["methods"]["nash_md"], results["methods"]["bt_rlhf"]

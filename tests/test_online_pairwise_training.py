@@ -289,4 +289,4 @@ def test_example_configs_load(method):
 def test_nash_example_config_loads():
     from pathlib import Path
     from distalign.config.online_pairwise import NashConfig
-    assert load_config(NashConfig, Path(__file__).parent.parent / "configs" / "nash_md.yaml").steps == 2000
+    assert load_config(NashConfig, Path(__file__).parent.parent / "configs" / "nash_md.yaml").train.max_steps == 2000

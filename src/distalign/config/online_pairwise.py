@@ -180,6 +180,15 @@ class OnlinePairwiseConfig:
 
 
 @dataclass
+class NashRunConfig:
+    """nash_md's `train`: the same train.max_steps / output_dir / seed as every method; the exact tabular
+    solver has no batches, optimizer, checkpoints or logs, so the other train.* fields are unknown keys."""
+    max_steps: int = _f(2000, "Nash-MD iterations", range=AT_LEAST_ONE)
+    output_dir: str = _f("runs/nash_md", "results.json and table.md go here")
+    seed: int = _f(0, "problem seed", range=SEED)
+
+
+@dataclass
 class NashConfig:
     """Nash mirror descent on the tabular testbed with non-transitive annotators."""
     method: str = _f("nash_md", "nash_md", choices=("nash_md",))
@@ -189,10 +198,8 @@ class NashConfig:
     strength: float = _f(8.0, "switch strength (Condorcet score scale)", range=NON_NEGATIVE)
     eta: float = _f(0.5, "mirror-descent step size", range=POSITIVE)
     tau: float = _f(0.02, "KL regularisation toward the reference", range=NON_NEGATIVE)
-    steps: int = _f(2000, "Nash-MD iterations", range=AT_LEAST_ONE)
     bt_beta: float = _f(0.02, "KL coefficient of the Bradley-Terry + RLHF baseline", range=POSITIVE)
-    seed: int = _f(0, "problem seed", range=SEED)
-    output_dir: str = _f("runs/nash_md", "results.json and table.md go here")
+    train: NashRunConfig = _f(help="iterations (max_steps), output_dir, seed", factory=NashRunConfig)
 
     def validate(self):
         if self.eta * self.tau > 1:

@@ -76,15 +76,15 @@ def bradley_terry_rlhf(pref: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
 
 def train_nash(cfg: NashConfig) -> dict:
     """Nash-MD vs Bradley-Terry + RLHF on the configured tabular problem; writes results.json / table.md."""
-    problem = make_problem(cfg.n_contexts, cfg.n_responses, seed=cfg.seed)
+    problem = make_problem(cfg.n_contexts, cfg.n_responses, seed=cfg.train.seed)
     pref = preference_table(problem, cfg.switch, cfg.strength)
     equilibrium = nash_equilibrium(pref)
-    policies = {"nash_md": run_nash_md(pref, problem.ref_logps, cfg.eta, cfg.tau, cfg.steps),
+    policies = {"nash_md": run_nash_md(pref, problem.ref_logps, cfg.eta, cfg.tau, cfg.train.max_steps),
                 "bt_rlhf": bradley_terry_rlhf(pref, problem.ref_logps, cfg.bt_beta),
                 "reference": problem.ref_logps}
     broken = [name for name, logps in policies.items() if torch.isnan(logps).any() or torch.isposinf(logps).any()]
     if broken:  # log-probs may be -inf (zero mass), never NaN or +inf
-        raise NonFiniteLossError(f"nash_md: the {broken[0]} policy is not finite after {cfg.steps} steps; results "
+        raise NonFiniteLossError(f"nash_md: the {broken[0]} policy is not finite after {cfg.train.max_steps} steps; results "
                                  "not written (lower eta)")
     results = {"cycle": majority_cycle(pref).tolist(), "equilibrium": equilibrium.tolist(), "methods": {}}
     for name, logps in policies.items():
@@ -92,7 +92,7 @@ def train_nash(cfg: NashConfig) -> dict:
             "exploitability": float(exploitability(logps, pref).mean()),
             "tv_to_equilibrium": float(0.5 * (logps.exp() - equilibrium).abs().sum(-1).mean()),
             "policy": logps.exp().tolist()}
-    out = Path(cfg.output_dir)
+    out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = ["| method | exploitability | TV to Nash equilibrium |", "| --- | --- | --- |"]
