@@ -341,12 +341,16 @@ def irl_checks(e: Env) -> dict:
             ("batch_size", "3"), ("gradient_accumulation_steps", "2"), ("epochs", "0.5"), ("log_every", "2"),
             ("eval_every", "1"))},  # reward.* and rl.* set the batches and steps
         "train.max_steps": [C("2")],
+        # save_every counts reward steps (rollouts checkpoint in iter-t/rl, removed after the round); with one
+        # reward step per round, or the default two checkpoints kept, the end state shows no difference
+        "train.save_every": [C("1", context=("reward.steps=2", "train.keep_checkpoints=0"))],
         "iterations": [C("3", context=("train.max_steps=0",)), C("3", ALL)],  # train.max_steps sets the length
         "reward.steps": [C("2")], "reward.batch_size": [C("3")], "reward.learning_rate": [C("1e-2")],
         "reward.weight_decay": [C("0.5")], "reward.max_grad_norm": [C("1e-4")], "reward.demo_weight": [C("0.5")],
         "reward.alpha": [C("0.5", {"irl"})], "reward.reinit": [C("true", context=("train.max_steps=6",))],
         "reward.init": [C(e.other)],
-        "rl.method": [C("grpo")], "rl.steps": [C("3")], "rl.batch_size": [C("3")],
+        "rl.method": [C("grpo")], "rl.steps": [C("1")],  # 3 would not show within train.max_steps=3
+        "rl.batch_size": [C("3")],
         "rl.update_epochs": [C("2")], "rl.num_minibatches": [C("2")], "rl.loss.kl_coef": [C("0.2")],
         "rl.loss.length_norm": [C("sequence")],
     }
