@@ -8,6 +8,8 @@ while loading the config run into that folder itself; cases that fail later (dat
 function that breaks mid-run) run into a fresh folder beside it, which must then hold no checkpoint
 and no final model. Most cases are one in-process `main()` call (a subprocess costs seconds of
 imports); `test_the_installed_cli_exits_2` runs a few through `python -m distalign`.
+Checkpoints and run folders (bad resumes, reused folders, damaged checkpoints) have their cases in
+tests/test_resume_contract.py, non-finite runs in tests/test_nonfinite.py, under the same assertions.
 """
 import json
 import os
