@@ -11,6 +11,7 @@ from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import make_tiny
+from distalign.models.quiet import quiet_transformers
 from distalign.testbed.lm import LMWorld
 from distalign.testbed.lm_data import preference_pairs, prompt_rows, write_jsonl
 from distalign.testbed.lm_policy import world_tokenizer
@@ -133,12 +134,10 @@ def train_all(settings: DemoSettings, out: Path, files: dict, log: Callable) -> 
     return models, used
 
 
+@quiet_transformers
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,
              settings: DemoSettings | None = None, log: Callable = print) -> dict:
     """Run the whole demo; writes table.md, results.json, winrate_vs_kl.png and report.md to out_dir."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     settings = settings or (DemoSettings.quick(seed) if quick else DemoSettings(seed=seed))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from distalign.models import load_tokenizer
+from distalign.models.quiet import quiet_transformers
 
 from .evaluate import exact_metrics, model_logps
 from .methods import GRID, GRID_SIZE, VALIDATION_SEED, Row, rows
@@ -42,13 +43,11 @@ def sweep_row(settings, out: Path, files: dict, base: dict, world, row: Row, sft
     return {"grid": scores, "chosen": scores[best]["settings"]}
 
 
+@quiet_transformers
 def run_sweep(out_dir: str | Path, quick: bool = False, seed: int = VALIDATION_SEED,
               settings: DemoSettings | None = None, log: Callable = print) -> dict:
     """Run the sweep for the full (or quick) demo on `seed` (or on `settings`, whose seed is used);
     writes and returns sweep.json's content."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     settings = settings or (DemoSettings.quick(seed) if quick else DemoSettings(seed=seed))
     seed = settings.seed
     out = Path(out_dir)

@@ -4,9 +4,10 @@ transformers' ANSI "LOAD REPORT" table, no FutureWarning for PEFT's use of the d
 progress bars ("Loading weights", "Writing model shards": sub-second bars between our run's lines)."""
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -26,6 +27,22 @@ def no_transformers_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def quiet_transformers(fn: Callable) -> Callable:
+    """`fn` runs with transformers' log at errors only and its bars off; both are restored after (a
+    whole-run entry point like the demo, whose own lines are the output)."""
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with no_transformers_bars():
+                return fn(*args, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    return quiet
 
 
 @contextmanager
