@@ -4,6 +4,7 @@ The log-prob functions follow docs/ARCHITECTURE.md: `token_logps[:, t]` is the l
 `input_ids[:, t]` given its prefix, zero outside the response, fp32; `logps` is their sum.
 """
 from .collate import collate_pairs, collate_sequences, unshare_pairs
+from .sources import ModelSource, locate
 from .loading import (
                       ModelLoadError,
                       ReferenceModel,
@@ -31,7 +32,7 @@ from .scoring import reward_scores, score_sequences
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
-    "ModelLoadError", "PairForward", "ReferenceModel", "collate_pairs", "collate_sequences",
+    "ModelLoadError", "ModelSource", "PairForward", "locate", "ReferenceModel", "collate_pairs", "collate_sequences",
     "enable_gradient_checkpointing", "evaluating",
     "is_peft_model",
     "load_policy", "load_reward_model", "load_tokenizer", "make_tiny", "make_tiny_reward_model",

@@ -5,24 +5,26 @@
     with reference_context(policy) as ref:      # same weights, adapter disabled, no grad
         ref_logps, _, _ = sequence_logps(ref, batch)
 
-Sources are a local folder or a Hub id (SPEC §3). A folder holding only a PEFT adapter
-(`adapter_config.json`, as `save_model` writes by default) is loaded onto its recorded base model.
-`trust_remote_code` is off unless the caller turns it on. Any failure to find the model raises
-`ModelLoadError` with one line: `model 'X': not a local folder and not reachable on the Hugging Face Hub: ...`.
+Sources are a local folder, a `.gguf` file (weights unpacked to dense tensors, tokenizer and chat
+template from the same file) or a Hub id (SPEC §3); `sources.py` locates and checks them. A folder
+holding only a PEFT adapter (`adapter_config.json`, as `save_model` writes by default) is loaded onto
+its recorded base model. `trust_remote_code` is off unless the caller turns it on. Every failure to
+find or read a model raises `ModelLoadError` with one line naming the path, e.g.
+`model 'X': not a local folder and not reachable on the Hugging Face Hub: ...`.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
+import pickle
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -30,6 +32,14 @@ from transformers import (
 )
 
 from .quiet import new_weights_line, no_transformers_bars, quiet_loading
+from .sources import (
+    ModelLoadError,
+    ModelSource,
+    check_model_folder,
+    check_tokenizer_folder,
+    describe_load_failure,
+    locate,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 LORA_KEYS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}
@@ -44,35 +54,6 @@ DEFAULT_TARGET_MODULES = {
 GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
-class ModelLoadError(ValueError):
-    """A model, tokenizer or adapter that cannot be found; the message is one line."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _is_path_like(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything else can only be a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def resolve_source(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> str:
-    """Return `name_or_path` as a string once its config is known to load, else raise `ModelLoadError`."""
-    name = str(name_or_path)
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    unreachable = f"model '{name}': not a local folder and not reachable on the Hugging Face Hub"
-    if _is_path_like(name):
-        raise ModelLoadError(f"{unreachable}: no such folder, and not a valid Hub id")
-    try:
-        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:  # hub/network errors are OSError subclasses; bad ids ValueError
-        raise ModelLoadError(f"{unreachable}: {_first_line(err)}") from None
-    return name
-
-
 def _dtype(dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -82,17 +63,27 @@ def _dtype(dtype) -> torch.dtype | str:
 
 
 def load_tokenizer(name_or_path, trust_remote_code: bool = False):
-    """The tokenizer of a folder or Hub id. A missing pad token is set to EOS (Llama-style tokenizers)."""
-    source = resolve_source(name_or_path, trust_remote_code)
-    config_file = Path(source) / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    if declared in GENERIC_TOKENIZER_CLASSES and (Path(source) / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    """The tokenizer of a folder, `.gguf` file or Hub id. A missing pad token is set to EOS (Llama-style)."""
+    source = locate(name_or_path, trust_remote_code)
+    check_tokenizer_folder(source)
+    config_file = Path(source.path) / "tokenizer_config.json"
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") \
+            if source.is_folder and config_file.is_file() else None
+        if declared in GENERIC_TOKENIZER_CLASSES and (Path(source.path) / "tokenizer.json").is_file():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source.path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                      **_gguf_only(source))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
+        raise describe_load_failure("tokenizer", source, err) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _gguf_only(source: ModelSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
 
 def lora_config(lora: dict, model_type: str, task_type: str):
@@ -120,24 +111,59 @@ def _adapter_base(source: str) -> str | None:
 
 def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_code, device,
           gradient_checkpointing: bool = False, **extra):
-    source = resolve_source(name_or_path, trust_remote_code)
-    base_source = _adapter_base(source)
-    weights = resolve_source(base_source or source, trust_remote_code)
+    source = locate(name_or_path, trust_remote_code)
+    base_name = _adapter_base(source.path) if source.is_folder else None
+    weights = locate(base_name, trust_remote_code) if base_name else source
     with quiet_loading():
-        model, info = auto_class.from_pretrained(weights, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-                                                 output_loading_info=True, **extra)
-        if base_source is not None:
+        model, info = _from_pretrained(auto_class, weights, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                                       **extra)
+        if base_name is not None:
             # A saved adapter: trainable again when the caller asks for LoRA (its settings come from the folder).
             from peft import PeftModel
-            model = PeftModel.from_pretrained(model, source, is_trainable=lora is not None)
+            try:
+                model = PeftModel.from_pretrained(model, source.path, is_trainable=lora is not None)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+                raise describe_load_failure("adapter", source, err) from None
         elif lora is not None:
             from peft import get_peft_model
             model = get_peft_model(model, lora_config(dict(lora), model.config.model_type, task_type))
-    if new_weights_line(weights, info):
-        print(new_weights_line(weights, info))
+    if new_weights_line(weights.name, info):
+        print(new_weights_line(weights.name, info))
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.to(device) if device is not None else model
+
+
+def _from_pretrained(auto_class, source: ModelSource, **kwargs):
+    """`auto_class.from_pretrained` (with its loading info) with every failure as one `ModelLoadError` line; a
+    GGUF file is unpacked into plain dense weights and keeps no quantization state, so `save_pretrained`
+    writes safetensors."""
+    check_model_folder(source)
+    try:
+        model, info = auto_class.from_pretrained(source.path, **source.load_kwargs(), output_loading_info=True,
+                                                 **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, pickle.UnpicklingError,
+            SafetensorError) as err:
+        raise describe_load_failure("model", source, err) from None
+    if source.gguf_file:
+        drop_quantization(model, source.name)
+        # Where the weights came from, so an adapter trained on it records the .gguf file as its base.
+        model.config._name_or_path = model.name_or_path = source.gguf_path
+    return model, info
+
+
+def drop_quantization(model: torch.nn.Module, name: str) -> None:
+    """Remove what a GGUF load may leave behind (the quantizer, `config.quantization_config`); refuse a
+    model whose weights are still packed, which could neither train nor be saved as safetensors."""
+    packed = [name for name, module in model.named_modules() if type(module).__name__.startswith("Gguf")]
+    if packed:
+        raise ModelLoadError(f"model '{name}': {len(packed)} modules are still GGUF-packed (e.g. {packed[0]}); "
+                             "distalign needs dense weights")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
