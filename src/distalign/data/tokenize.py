@@ -4,11 +4,14 @@
 
 Prompt and response ids stay separate because log-probs are summed over response tokens only
 (SPEC §1: logp(y|x) = sum_t log pi(y_t | x, y_<t)).
-- plain prompt: `tokenizer(prompt)`, keeping the BOS the tokenizer adds (an EOS it appends is dropped,
-  since the prompt does not end the sequence);
-- chat prompt: `apply_chat_template(messages, add_generation_prompt=True)` as text, then tokenised with
-  `add_special_tokens=False`, because the template already writes its own special tokens;
-- response: `tokenizer(text, add_special_tokens=False) + [eos]`.
+- with the chat template in use (`chat.py`: `data.chat_template` auto and the tokenizer has one, or always),
+  every prompt is rendered by `apply_chat_template(messages, add_generation_prompt=True)` as text (a plain
+  string as one user turn, the system prompt first if set), then tokenised with `add_special_tokens=False`
+  because the template already writes its own special tokens;
+- otherwise a plain prompt is `tokenizer(prompt)`, keeping the BOS the tokenizer adds (an EOS it appends
+  is dropped, since the prompt does not end the sequence);
+- response: `tokenizer(text, add_special_tokens=False) + [end]`, where `end` is the template's
+  end-of-turn token when the template is in use (e.g. `<|im_end|>`), else EOS.
 A prompt longer than `max_prompt_length` is a `DataError` (or skipped and counted). A response that
 would make prompt + response exceed `max_length` loses tokens from its end, EOS first, and the row is
 counted under that field in `report.truncated`.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .chat import DEFAULT_CHAT, ChatFormat, prompt_messages, response_end_id
 from .records import DataError, DataReport, TokenizedDemo, TokenizedPair, TokenizedPrompt
 from .validation import KINDS, Where
 
@@ -24,23 +28,22 @@ RESPONSE_FIELDS = {"pairs": ("chosen", "rejected"), "demonstrations": ("completi
 
 
 def tokenize_examples(examples: list[dict], kind: str, tokenizer, *, max_prompt_length: int, max_length: int,
-                      skip_invalid: bool = False, source_name: str | None = None
+                      skip_invalid: bool = False, source_name: str | None = None, chat: ChatFormat = DEFAULT_CHAT
                       ) -> tuple[list[TokenizedPair | TokenizedDemo | TokenizedPrompt], DataReport]:
-    """Tokenise examples from `load_examples`; returns the records and a report of skips and truncations."""
+    """Tokenise examples from `load_examples`; returns the records and a report of skips and truncations.
+    `chat` says whether prompts go through the chat template and with which system prompt."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, found {kind!r}")
     # Prompts carry no response, so their max_length is never read and need not exceed the prompt limit.
     if max_prompt_length <= 0 or (RESPONSE_FIELDS[kind] and max_length <= max_prompt_length):
         raise ValueError(f"max_length: must exceed max_prompt_length, which must be > 0 "
                          f"(found max_length={max_length}, max_prompt_length={max_prompt_length})")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before tokenising responses")
+    end = response_end_id(tokenizer, chat)
     wheres = [Where(source_name or ex.get("_source") or "<data>", ex.get("_row", i + 1))
               for i, ex in enumerate(examples)]
     report = DataReport(source=wheres[0].source if wheres else (source_name or ""), rows_read=len(examples))
-    prompt_ids = tokenize_prompts([ex["prompt"] for ex in examples], tokenizer, wheres)
-    response_ids = {f: tokenize_responses([ex[f] for ex in examples], tokenizer) for f in RESPONSE_FIELDS[kind]}
+    prompt_ids = tokenize_prompts([ex["prompt"] for ex in examples], tokenizer, wheres, chat=chat)
+    response_ids = {f: tokenize_responses([ex[f] for ex in examples], tokenizer, end) for f in RESPONSE_FIELDS[kind]}
     records = []
     for i, example in enumerate(examples):
         try:
@@ -68,35 +71,41 @@ def check_prompt_length(ids: list[int], max_prompt_length: int, where: Where) ->
                           f"found {len(ids)}", "prompt too long")
 
 
-def tokenize_prompts(prompts: list[str | list[dict]], tokenizer, wheres: list[Where] | None = None
-                     ) -> list[list[int]]:
-    """Ids of each prompt; plain strings and rendered chat prompts go through the tokenizer in two batches."""
+def tokenize_prompts(prompts: list[str | list[dict]], tokenizer, wheres: list[Where] | None = None, *,
+                     chat: ChatFormat = DEFAULT_CHAT) -> list[list[int]]:
+    """Ids of each prompt; raw strings and rendered chat prompts go through the tokenizer in two batches."""
     wheres = wheres or [Where("<prompts>", i + 1) for i in range(len(prompts))]
-    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    templated = chat.applies(tokenizer)
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str) and not templated]
+    rendered = [i for i, p in enumerate(prompts) if templated or not isinstance(p, str)]
     ids: list[list[int]] = [[] for _ in prompts]
     plain_ids = _batch_ids(tokenizer, [prompts[i] for i in plain], add_special_tokens=True)
     drop_eos = _appends_eos(tokenizer)
     for i, row_ids in zip(plain, plain_ids):
         ids[i] = row_ids[:-1] if drop_eos and row_ids and row_ids[-1] == tokenizer.eos_token_id else row_ids
-    texts = [render_chat_prompt(prompts[i], tokenizer, wheres[i]) for i in chat]
-    for i, row_ids in zip(chat, _batch_ids(tokenizer, texts, add_special_tokens=False)):
+    texts = [render_chat_prompt(prompts[i], tokenizer, wheres[i], chat) for i in rendered]
+    for i, row_ids in zip(rendered, _batch_ids(tokenizer, texts, add_special_tokens=False)):
         ids[i] = row_ids
     return ids
 
 
-def render_chat_prompt(messages: list[dict], tokenizer, where: Where) -> str:
-    """The chat template's text for `messages`, ending with the cue for the assistant's turn."""
+def render_chat_prompt(prompt: str | list[dict], tokenizer, where: Where, chat: ChatFormat = DEFAULT_CHAT) -> str:
+    """The chat template's text for `prompt` (messages, or a string as one user turn), ending with the cue
+    for the assistant's turn."""
+    if chat.mode == "never" and not isinstance(prompt, str):
+        raise where.error("prompt", "expected a plain string because data.chat_template is 'never', found chat "
+                          "messages (set data.chat_template to auto)", "chat messages with chat_template never")
     if not getattr(tokenizer, "chat_template", None):
         raise where.error("prompt", "expected a plain string because the tokenizer has no chat_template, "
                           "found chat messages (set tokenizer.chat_template or use a chat model's tokenizer)",
                           "no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_messages(prompt, chat), tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_responses(texts: list[str], tokenizer) -> list[list[int]]:
-    """Ids of each response followed by EOS, so the model learns where the answer stops."""
-    return [ids + [tokenizer.eos_token_id] for ids in _batch_ids(tokenizer, texts, add_special_tokens=False)]
+def tokenize_responses(texts: list[str], tokenizer, end_id: int | None = None) -> list[list[int]]:
+    """Ids of each response followed by `end_id` (default: EOS), so the model learns where the answer stops."""
+    end = tokenizer.eos_token_id if end_id is None else end_id
+    return [ids + [end] for ids in _batch_ids(tokenizer, texts, add_special_tokens=False)]
 
 
 def _batch_ids(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distalign.config import schema_field as _f
-from distalign.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED
+from distalign.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, check_chat_fields
+from distalign.data import CHAT_MODES
 
 from .judge import JudgeConfig
 
@@ -42,6 +43,9 @@ class EvalConfig:
     prompt_field: str = _f("prompt", "the prompts file's prompt column")
     reference_field: str = _f("reference", "the prompts file's reference-response column")
     max_prompts: int | None = _f(None, "evaluate only the first N prompts (default: all)", range=AT_LEAST_ONE)
+    chat_template: str = _f("auto", "prompts through the tokenizer's chat template, as data.chat_template in "
+                                    "training: auto (when it has one), always, never", choices=CHAT_MODES)
+    system: str | None = _f(None, "system prompt before every prompt (needs the chat template), as data.system")
     generation: EvalGeneration = _f(help="sampling", factory=EvalGeneration)
     reward_model: str | None = _f(None, "AutoModelForSequenceClassification folder: RM score and RM win-rate")
     pairs: str | None = _f(None, "held-out preference pairs (prompt, chosen, rejected) for RM accuracy")
@@ -61,3 +65,4 @@ class EvalConfig:
             raise ValueError("mtbench", "needs a judge section (the judge grades the responses)")
         if self.pairs and not self.reward_model:
             raise ValueError("pairs", "needs reward_model (RM accuracy is measured on the pairs)")
+        check_chat_fields(self)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from distalign import models
+from distalign.data import DEFAULT_CHAT, ChatFormat, response_end_id, tokenize_prompts
 from distalign.objectives import kl_estimate
 
 
@@ -79,9 +80,9 @@ def _padding(tokenizer, side: str):
 
 
 def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                  batch_size: int = 8) -> list[float]:
+                  batch_size: int = 8, chat: ChatFormat = DEFAULT_CHAT) -> list[float]:
     """R(x, y) from a 1-label AutoModelForSequenceClassification, tokenised as the reward trainer does."""
-    return models.reward_scores(model, tokenizer, prompts, responses, batch_size).tolist()
+    return models.reward_scores(model, tokenizer, prompts, responses, batch_size, chat=chat).tolist()
 
 
 @dataclass
@@ -101,16 +102,21 @@ def _cut_at_eos(generated: list[int], eos_ids: set[int]) -> tuple[list[int], boo
     return generated, False
 
 
-def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> Samples:
+def sample_responses(model, tokenizer, prompts: Sequence, max_new_tokens: int = 64,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 8,
+                     chat: ChatFormat = DEFAULT_CHAT) -> Samples:
     """y_i ~ pi(.|x_i) by model.generate on left-padded batches; temperature <= 0 means greedy.
 
-    The torch RNG is seeded with `seed` inside a fork, so the caller's RNG state is untouched.
+    Prompts are tokenised as the trainers do (`chat`: through the chat template when it applies), and
+    generation stops at the model's EOS ids and at the token responses end with (the template's
+    end-of-turn token). The torch RNG is seeded with `seed` inside a fork, so the caller's RNG state is
+    untouched.
     """
     device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else tokenizer.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
+    eos_ids.add(response_end_id(tokenizer, chat))
+    all_prompt_ids = tokenize_prompts(list(prompts), tokenizer, chat=chat)
     prompts_ids, responses_ids, texts, n_without_eos = [], [], [], 0
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
         if temperature > 0 else {"do_sample": False}
@@ -118,10 +124,10 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     with _padding(tokenizer, "left"), eval_mode(model), torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
+            batch = tokenizer.pad({"input_ids": all_prompt_ids[start:start + batch_size]}, return_tensors="pt")
             batch = batch.to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=sorted(eos_ids), **sampling)
             width = batch["input_ids"].shape[1]
             for row in range(output.shape[0]):
                 mask = batch["attention_mask"][row].bool()

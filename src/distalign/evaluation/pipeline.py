@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from distalign.data import ChatFormat, prepare_tokenizer
 from distalign.models import load_policy, load_reward_model, load_tokenizer
 
 from .harness import run_lm_eval
@@ -77,6 +78,7 @@ class _Context:
     prompts: list[str]
     tokenizer: object
     generation: dict
+    chat: ChatFormat
     out_dir: Path
     device: str
     reference_model: object = None
@@ -98,7 +100,7 @@ class _Context:
 def _sample_and_kl(ctx: _Context, name: str, path: str) -> tuple[list[str], dict]:
     """Sample from the policy, save the samples, and KL(pi||pi0) on them when a reference is set."""
     model = _load_causal_lm(path, ctx.device)
-    samples = sample_responses(model, ctx.tokenizer, ctx.prompts, **ctx.generation)
+    samples = sample_responses(model, ctx.tokenizer, ctx.prompts, **ctx.generation, chat=ctx.chat)
     _write_samples(ctx.out_dir / "samples" / f"{name}.jsonl", ctx.prompts, samples.texts)
     row: dict = {"n_without_eos": samples.n_without_eos}
     if ctx.reference_model is not None:
@@ -147,7 +149,8 @@ def _reward_setup(config: EvalConfig, ctx: _Context, pairs: list[dict] | None) -
     from functools import partial
 
     model = load_reward_model(config.reward_model, dtype="float32").to(ctx.device).eval()
-    ctx.reward_fn = partial(reward_scores, model, ctx.tokenizer, batch_size=ctx.generation["batch_size"])
+    ctx.reward_fn = partial(reward_scores, model, ctx.tokenizer, batch_size=ctx.generation["batch_size"],
+                            chat=ctx.chat)
     if not pairs:
         return None
     prompts = [row["prompt"] for row in pairs]
@@ -162,7 +165,7 @@ def _baseline(config: EvalConfig, ctx: _Context, rows: list[dict]) -> list[str] 
         return [row[field_name] for row in rows]
     if ctx.reference_model is None:
         return None
-    samples = sample_responses(ctx.reference_model, ctx.tokenizer, ctx.prompts, **ctx.generation)
+    samples = sample_responses(ctx.reference_model, ctx.tokenizer, ctx.prompts, **ctx.generation, chat=ctx.chat)
     _write_samples(ctx.out_dir / "samples" / "reference.jsonl", ctx.prompts, samples.texts)
     return samples.texts
 
@@ -186,8 +189,10 @@ def evaluate(config: EvalConfig | Mapping,
         config.judge.check_key()
         cache = config.judge.cache_path or str(out_dir / "judge_cache.jsonl")
         judge = JudgeClient(replace(config.judge, cache_path=cache))
-    tokenizer = load_tokenizer(config.tokenizer or config.reference or next(iter(policies.values())))
-    ctx = _Context(prompts=[row[config.prompt_field] for row in rows], tokenizer=tokenizer,
+    chat = ChatFormat(config.chat_template, config.system)
+    tokenizer = prepare_tokenizer(load_tokenizer(config.tokenizer or config.reference
+                                                 or next(iter(policies.values()))), chat)
+    ctx = _Context(prompts=[row[config.prompt_field] for row in rows], tokenizer=tokenizer, chat=chat,
                    generation=asdict(config.generation), out_dir=out_dir, device=config.device,
                    judge=judge, mtbench=config.mtbench, oracle=prob_a_beats_b, harness=asdict(config.harness))
     if config.reference:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ DEFAULT_TARGET_MODULES = {
 # Tokenizer classes whose tokenizer.json alone defines the tokenizer; AutoTokenizer would otherwise pick a
 # class by model type (e.g. Qwen2Tokenizer rebuilds the pre-tokenizer and adds `<|endoftext|>`).
 GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+# What reading a bad folder or file raises inside transformers / torch / safetensors / the GGUF parser.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, ImportError, struct.error,
+               pickle.UnpicklingError, SafetensorError)
 
 
 def _dtype(dtype) -> torch.dtype | str:
@@ -75,7 +79,7 @@ def load_tokenizer(name_or_path, trust_remote_code: bool = False):
         else:
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                       **_gguf_only(source))
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as err:
+    except LOAD_ERRORS as err:
         raise describe_load_failure("tokenizer", source, err) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -113,7 +117,10 @@ def _load(auto_class, task_type: str, name_or_path, dtype, lora, trust_remote_co
           gradient_checkpointing: bool = False, **extra):
     source = locate(name_or_path, trust_remote_code)
     base_name = _adapter_base(source.path) if source.is_folder else None
-    weights = locate(base_name, trust_remote_code) if base_name else source
+    try:
+        weights = locate(base_name, trust_remote_code) if base_name else source
+    except ModelLoadError as err:
+        raise ModelLoadError(f"adapter '{source.name}': its base {err}") from None
     with quiet_loading():
         model, info = _from_pretrained(auto_class, weights, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
                                        **extra)
@@ -142,8 +149,7 @@ def _from_pretrained(auto_class, source: ModelSource, **kwargs):
     try:
         model, info = auto_class.from_pretrained(source.path, **source.load_kwargs(), output_loading_info=True,
                                                  **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, pickle.UnpicklingError,
-            SafetensorError) as err:
+    except LOAD_ERRORS as err:
         raise describe_load_failure("model", source, err) from None
     if source.gguf_file:
         drop_quantization(model, source.name)
@@ -317,6 +323,19 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+def stop_at_eos_of(model: torch.nn.Module, tokenizer) -> None:
+    """Add the tokenizer's EOS to the model's generation config when missing (a chat run makes the template's
+    end-of-turn token the EOS), so `generate` on the saved model stops where training taught it to."""
+    config = getattr(unwrap_model(model), "generation_config", None)
+    eos = tokenizer.eos_token_id
+    if config is None or eos is None:
+        return
+    current = config.eos_token_id
+    ids = list(current) if isinstance(current, (list, tuple)) else [] if current is None else [current]
+    if eos not in ids:
+        config.eos_token_id = [*ids, eos] if ids else eos
+
+
 def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = False,
                state_dict: dict | None = None) -> Path:
     """Write `model` (safetensors) and `tokenizer` to `out_dir`.
@@ -333,6 +352,8 @@ def save_model(model: torch.nn.Module, tokenizer, out_dir, *, merge: bool = Fals
         if state_dict is not None:
             raise ValueError("save_model: merge=True cannot merge a sharded model's gathered state")
         model = copy.deepcopy(model).merge_and_unload()
+    if tokenizer is not None:
+        stop_at_eos_of(model, tokenizer)
     extra = {} if state_dict is None else {"state_dict": state_dict}
     with no_transformers_bars():
         model.save_pretrained(str(out), safe_serialization=True, **extra)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from distalign.data import tokenize_prompts, tokenize_responses
+from distalign.data import DEFAULT_CHAT, ChatFormat, response_end_id, tokenize_prompts, tokenize_responses
 
 from .collate import collate_sequences
 from .loading import evaluating
@@ -27,8 +27,10 @@ def score_sequences(model, batch: dict) -> Tensor:
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16) -> Tensor:
-    """R(x, y) for each (prompt, response); prompts may be strings or chat message lists. Shape (N,)."""
+def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16, *,
+                  chat: ChatFormat = DEFAULT_CHAT) -> Tensor:
+    """R(x, y) for each (prompt, response); prompts may be strings or chat message lists, rendered under
+    `chat` as the reward trainer renders its data. Shape (N,)."""
     if len(prompts) != len(responses):
         raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(responses)} responses")
     if tokenizer.pad_token_id is None:
@@ -36,8 +38,8 @@ def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str],
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    prompt_ids = tokenize_prompts(list(prompts), tokenizer)
-    response_ids = tokenize_responses(list(responses), tokenizer)
+    prompt_ids = tokenize_prompts(list(prompts), tokenizer, chat=chat)
+    response_ids = tokenize_responses(list(responses), tokenizer, response_end_id(tokenizer, chat))
     scores = []
     with evaluating(model):
         for start in range(0, len(prompt_ids), batch_size):

@@ -106,7 +106,7 @@ def _hub_path(name: str, unreachable: str, trust_remote_code: bool) -> str:
     if problem:
         try:
             return snapshot_download(name, local_files_only=True)
-        except Exception:  # LocalEntryNotFoundError, or an id the cache layer rejects (HFValidationError)
+        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, or an id the cache layer rejects (HFValidationError)
             raise ModelLoadError(f"{unreachable}: {problem}, and it is not in the local cache") from None
     from transformers import AutoConfig
     try:
@@ -122,7 +122,7 @@ def hub_unreachable(endpoint: str) -> str | None:
     from huggingface_hub.utils import get_session
     try:
         get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as err:  # any transport failure: DNS, refused, timeout, proxy
+    except Exception as err:  # noqa: BLE001 - any transport failure: DNS, refused, timeout, proxy
         return f"no answer from {endpoint} ({one_line(err)})"
     return None
 
@@ -190,11 +190,24 @@ def check_tokenizer_folder(source: ModelSource) -> None:
 def describe_load_failure(what: str, source: ModelSource, err: BaseException) -> ModelLoadError:
     """The one-line error for an exception raised while transformers / torch read `source`."""
     cause = one_line(err)
+    pickles = _pickle_checkpoints(source)
     if type(err).__name__ == "UnpicklingError":
-        cause = ("a pickle checkpoint (pytorch_model.bin) that torch.load(weights_only=True) refuses: it holds "
-                 "Python objects, not only tensors; re-save it as safetensors where you trust its source: "
+        cause = (f"{', '.join(pickles) or 'a pickle checkpoint'}: torch.load(weights_only=True) refuses it: it "
+                 "holds Python objects, not only tensors; re-save it as safetensors where you trust its source: "
                  + cause)
+    elif pickles and isinstance(err, (OSError, RuntimeError)) and what == "model":
+        cause = f"{', '.join(pickles)}: cannot be read as a PyTorch checkpoint (truncated or corrupt?): {cause}"
     elif isinstance(err, ImportError) and source.gguf_file:
         cause = f"reading .gguf files needs the gguf package (pip install 'distalign[smollm2]'): {cause}"
     where = source.gguf_path or source.path
     return ModelLoadError(f"{what} '{source.name}': cannot load from {where}: {cause}")
+
+
+def _pickle_checkpoints(source: ModelSource) -> list[str]:
+    """The pickle weight files transformers reads in a folder without safetensors weights."""
+    if not source.is_folder or source.gguf_file:
+        return []
+    folder = Path(source.path)
+    if any(folder.glob("*.safetensors")):
+        return []
+    return sorted(p.name for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from distalign.config.plugins import import_callable as _import_callable
+from distalign.data import ChatFormat
 from distalign.models import load_reward_model, load_tokenizer, reward_scores
 
 from . import verifiers
@@ -132,14 +133,18 @@ class RewardModelSource:
 
     The text is re-tokenised with the reward model's tokenizer (it may differ from the policy's)
     exactly as the reward trainer formats pairs (`distalign.models.reward_scores`), in batches of
-    `batch_size`; the score is the head's output at the last real token.
+    `batch_size`; the score is the head's output at the last real token. Prompts go through the reward
+    model's chat template as `chat_template` / `system` say (the reward run's `data.*` settings; set them
+    in `rewards[i].kwargs` if that run used a system prompt).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 16, chat_template: str = "auto",
+                 system: str | None = None):
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"reward model: expected 1 label, found {model.config.num_labels}")
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
         self.batch_size = batch_size
+        self.chat = ChatFormat(chat_template, system)
         if tokenizer.pad_token_id is None:
             raise ValueError("reward model tokenizer has no pad token; set one so the last real token can be found")
         self.model.config.pad_token_id = tokenizer.pad_token_id
@@ -152,7 +157,7 @@ class RewardModelSource:
         return cls(model.to(device), tokenizer, **kwargs)
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict]) -> Tensor:
-        return reward_scores(self.model, self.tokenizer, prompts, completions, self.batch_size)
+        return reward_scores(self.model, self.tokenizer, prompts, completions, self.batch_size, chat=self.chat)
 
 
 class WeightedSum:

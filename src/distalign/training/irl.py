@@ -39,7 +39,6 @@ from distalign.models import (
     collate_sequences,
     load_policy,
     load_reward_model,
-    load_tokenizer,
     save_model,
     score_sequences,
 )
@@ -50,6 +49,7 @@ from .common import (
     StepGuard,
     build_optimizer,
     load_records,
+    load_run_tokenizer,
     require_single_process,
     sampling_settings,
     set_seed,
@@ -181,7 +181,7 @@ class IRLRun:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         set_seed(cfg.train.seed)
         m = cfg.model
-        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = load_run_tokenizer(m, cfg.data)
         self.learner = RewardLearner(cfg, self.tokenizer, self.device, log)
         self.learner.start_iteration(m.name_or_path)  # the first round's reward model (a resume loads into it)
         self.plan = round_plan(cfg)

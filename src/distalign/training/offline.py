@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from distalign.config import OfflineConfig, to_dict
-from distalign.models import ReferenceModel, load_policy, load_reward_model, load_tokenizer
+from distalign.models import ReferenceModel, load_policy, load_reward_model
 
 from .checkpoint import begin_run, run_identity, save_checkpoint_on_main
 from .common import (
@@ -28,6 +28,7 @@ from .common import (
     build_optimizer,
     build_scheduler,
     load_records,
+    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     record_length,
@@ -98,8 +99,7 @@ class OfflineTrainer:
         self.acc = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.retain_freed_memory,
                                                    fsdp=True, what=cfg.method)
         set_seed(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+        self.tokenizer = load_run_tokenizer(cfg.model, cfg.data)
         pad = self.tokenizer.pad_token_id
         self.task = build_task(cfg.method, pad, dict(cfg.loss), cfg.share_prompt)
         self.train_records = load_records(cfg.data, cfg.data.train, self.task.data_kind, self.tokenizer, log)

@@ -33,7 +33,7 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online import OnlineConfig
-from distalign.models import is_peft_model, load_policy, load_tokenizer
+from distalign.models import is_peft_model, load_policy
 from distalign.objectives.kl import sequence_kl_estimate
 from distalign.objectives.online_registry import RolloutTensors, get_online_objective
 from distalign.objectives.policy_gradient import masked_mean
@@ -48,6 +48,7 @@ from .common import (
     build_reference,
     build_scheduler,
     load_records,
+    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
@@ -138,7 +139,7 @@ class OnlineTrainer:
             raise ValueError(f"generation.num_samples: {cfg.method} needs at least "
                              f"{self.objective.min_group_size} samples per prompt, got {self.group_size}")
         m = cfg.model
-        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = load_run_tokenizer(m, cfg.data)
         self.records = load_records(cfg.data, cfg.data.train, "prompts", self.tokenizer, self.log)
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,

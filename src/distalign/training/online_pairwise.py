@@ -34,7 +34,7 @@ import torch
 
 from distalign.config import to_dict
 from distalign.config.online_pairwise import OnlinePairwiseConfig, uses_reference
-from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps
+from distalign.models import collate_pairs, load_policy, pair_logps
 from distalign.objectives import distill_loss, dpo_loss, pmle_loss, score_function_kl
 from distalign.objectives.online_pairwise import nash_md_pg_loss, orient_pairs, rebel_loss
 from distalign.rewards import CallableJudge, build_reward
@@ -47,6 +47,7 @@ from .common import (
     build_reference,
     build_scheduler,
     load_records,
+    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
@@ -74,7 +75,7 @@ class PolicySession:
         self.sum_processes = process_sum(self.acc)  # means over pairs span all processes
         set_seed(cfg.train.seed)
         m = cfg.model
-        self.tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = load_run_tokenizer(m, cfg.data)
         self.pad = self.tokenizer.pad_token_id
         lora = to_dict(m.lora) if m.lora is not None else None
         self.policy = load_policy(m.name_or_path, **m.load_options(), lora=lora, device=self.device,
