@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from distalign.data import (
+    ChatFormat,
     DataError,
     TokenizedDemo,
     TokenizedPair,
@@ -44,6 +45,12 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def raw():
+    """No chat template: plain prompts go in as text (what data.chat_template=auto does for base models)."""
+    return make_tokenizer(chat_template=None)
+
+
 def ids(text):
     return [ID[w] for w in text.split()]
 
@@ -52,9 +59,9 @@ def example(row=1, source="d.jsonl", **fields):
     return {**fields, "_row": row, "_source": source}
 
 
-def test_plain_pair(tokenizer):
+def test_plain_pair(raw):
     records, report = tokenize_examples([example(prompt="the cat", chosen="sat on a mat", rejected="ran")],
-                                        "pairs", tokenizer, max_prompt_length=8, max_length=16)
+                                        "pairs", raw, max_prompt_length=8, max_length=16)
     assert records == [TokenizedPair([BOS] + ids("the cat"), ids("sat on a mat") + [EOS], ids("ran") + [EOS])]
     assert report.summary() == "read 1 rows, kept 1"
 
@@ -81,34 +88,35 @@ def test_prompts_keep_original_prompt_and_extra(tokenizer):
     chat = [{"role": "user", "content": "yes"}]
     examples = [example(prompt="a dog", extra={"answer": "42"}), example(row=2, prompt=chat, extra={})]
     records, _ = tokenize_examples(examples, "prompts", tokenizer, max_prompt_length=8, max_length=16)
-    assert records == [TokenizedPrompt([BOS] + ids("a dog"), "a dog", {"answer": "42"}),
+    # data.chat_template=auto and the tokenizer has a template: the plain prompt is one user turn
+    assert records == [TokenizedPrompt([USER] + ids("a dog") + [ASSISTANT], "a dog", {"answer": "42"}),
                        TokenizedPrompt([USER, ID["yes"], ASSISTANT], chat, {})]
 
 
-def test_prompt_over_limit_names_file_row_field(tokenizer):
+def test_prompt_over_limit_names_file_row_field(raw):
     examples = [example(prompt="the cat", chosen="a", rejected="no"),
                 example(row=5, prompt="the cat sat on a mat", chosen="a", rejected="no")]
     with pytest.raises(DataError) as info:
-        tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=6, max_length=10)
+        tokenize_examples(examples, "pairs", raw, max_prompt_length=6, max_length=10)
     # "<bos> the cat sat on a mat" is 7 tokens, the BOS counts
     assert str(info.value) == ("d.jsonl: row 5: field 'prompt': expected at most 6 tokens (max_prompt_length), "
                                "found 7")
 
 
-def test_prompt_over_limit_skipped_and_counted(tokenizer):
+def test_prompt_over_limit_skipped_and_counted(raw):
     examples = [example(prompt="the cat", chosen="a", rejected="no"),
                 example(row=2, prompt="the cat sat on a mat", chosen="a", rejected="no")]
-    records, report = tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=6, max_length=10,
+    records, report = tokenize_examples(examples, "pairs", raw, max_prompt_length=6, max_length=10,
                                         skip_invalid=True)
     assert len(records) == 1 and records[0].prompt_ids == [BOS] + ids("the cat")
     assert report.rows_skipped == {"prompt too long": 1}
     assert report.summary() == "read 2 rows, kept 1; skipped 1 (prompt too long: 1)"
 
 
-def test_long_responses_truncated_from_the_end_and_counted(tokenizer):
+def test_long_responses_truncated_from_the_end_and_counted(raw):
     examples = [example(prompt="the", chosen="cat sat on a mat", rejected="dog"),
                 example(row=2, prompt="the", chosen="cat", rejected="dog ran on a")]
-    records, report = tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=4, max_length=5)
+    records, report = tokenize_examples(examples, "pairs", raw, max_prompt_length=4, max_length=5)
     # budget = 5 - len([<bos>, the]) = 3 tokens per response; a cut response loses its EOS
     assert records[0] == TokenizedPair([BOS, ID["the"]], ids("cat sat on"), [ID["dog"], EOS])
     assert records[1] == TokenizedPair([BOS, ID["the"]], [ID["cat"], EOS], ids("dog ran on"))
@@ -116,19 +124,19 @@ def test_long_responses_truncated_from_the_end_and_counted(tokenizer):
     assert report.summary() == "read 2 rows, kept 2; truncated chosen: 1, rejected: 1"
 
 
-def test_response_exactly_at_the_limit_is_not_counted(tokenizer):
+def test_response_exactly_at_the_limit_is_not_counted(raw):
     records, report = tokenize_examples([example(prompt="the", completion="cat sat")], "demonstrations",
-                                        tokenizer, max_prompt_length=4, max_length=5)
+                                        raw, max_prompt_length=4, max_length=5)
     assert records[0].completion_ids == ids("cat sat") + [EOS] and report.truncated == {}
 
 
 def test_eos_appended_by_tokenizer_is_dropped_from_prompts():
-    tokenizer = make_tokenizer(post_template="<bos> $A <eos>")
+    tokenizer = make_tokenizer(post_template="<bos> $A <eos>", chat_template=None)
     assert tokenize_prompts(["the cat"], tokenizer) == [[BOS] + ids("the cat")]
 
 
 def test_tokenizer_without_bos_adds_none():
-    tokenizer = make_tokenizer(post_template="$A")
+    tokenizer = make_tokenizer(post_template="$A", chat_template=None)
     records, _ = tokenize_examples([example(prompt="the cat", completion="ran")], "demonstrations", tokenizer,
                                    max_prompt_length=4, max_length=8)
     assert records[0] == TokenizedDemo(ids("the cat"), [ID["ran"], EOS])
@@ -155,11 +163,11 @@ def test_source_name_overrides_row_source(tokenizer):
                           max_prompt_length=2, max_length=8, source_name="train.csv")
 
 
-def test_end_to_end_from_csv(tmp_path, tokenizer):
+def test_end_to_end_from_csv(tmp_path, raw):
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected,note\nthe cat,sat,ran,x\n,a,no,y\nthe dog,hello world yes,no,z\n")
     examples, load_report = load_examples(str(path), "pairs", skip_invalid=True)
-    records, tok_report = tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=3, max_length=5,
+    records, tok_report = tokenize_examples(examples, "pairs", raw, max_prompt_length=3, max_length=5,
                                             skip_invalid=True)
     assert load_report.rows_skipped == {"empty prompt": 1}
     assert records == [TokenizedPair([BOS] + ids("the cat"), [ID["sat"], EOS], [ID["ran"], EOS]),
@@ -167,24 +175,26 @@ def test_end_to_end_from_csv(tmp_path, tokenizer):
     assert tok_report.truncated == {"chosen": 1}
 
 
-def test_cache_reuses_entry_and_misses_on_any_change(tmp_path, tokenizer, monkeypatch):
+def test_cache_reuses_entry_and_misses_on_any_change(tmp_path, raw, monkeypatch):
     from distalign.data import cache
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "the", "extra_col": 1}) + "\n")
     kwargs = {"cache_dir": str(tmp_path / "cache"), "max_prompt_length": 4, "max_length": 8}
-    first = cache.load_tokenized(str(path), "prompts", tokenizer, **kwargs)
+    first = cache.load_tokenized(str(path), "prompts", raw, **kwargs)
     assert first[0] == [TokenizedPrompt([BOS, ID["the"]], "the", {"extra_col": 1})]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
 
     calls = []
     real = cache.tokenize_examples
     monkeypatch.setattr(cache, "tokenize_examples", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert cache.load_tokenized(str(path), "prompts", tokenizer, **kwargs) == first and calls == []
-    cache.load_tokenized(str(path), "prompts", tokenizer, **{**kwargs, "max_prompt_length": 3})
+    assert cache.load_tokenized(str(path), "prompts", raw, **kwargs) == first and calls == []
+    cache.load_tokenized(str(path), "prompts", raw, **{**kwargs, "max_prompt_length": 3})
     assert calls == [1]  # new limits: a miss
     path.write_text(json.dumps({"prompt": "the cat"}) + "\n")
-    records, _, _ = cache.load_tokenized(str(path), "prompts", tokenizer, **kwargs)
+    records, _, _ = cache.load_tokenized(str(path), "prompts", raw, **kwargs)
     assert records[0].prompt_ids == [BOS] + ids("the cat") and calls == [1, 1]  # new bytes: a miss
     cache.load_tokenized(str(path), "prompts", make_tokenizer(post_template="$A"), **kwargs)
     assert calls == [1, 1, 1]  # another tokenizer: a miss
+    cache.load_tokenized(str(path), "prompts", raw, **kwargs, chat=ChatFormat("never"))
+    assert calls == [1, 1, 1, 1]  # another chat format (same ids here, but not in general): a miss
