@@ -39,7 +39,7 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("", "local folder or Hugging Face Hub id of an AutoModelForCausalLM")
+    name_or_path: str = _f("", "local folder, .gguf file or Hugging Face Hub id of an AutoModelForCausalLM")
     tokenizer: Optional[str] = _f(None, "tokenizer path/id; defaults to name_or_path")
     dtype: str = _f("float32", "weight dtype; bf16 / fp16 weights train through fp32 master copies",
                     choices=("float32", "bfloat16", "float16", "auto"))
