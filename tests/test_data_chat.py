@@ -17,7 +17,7 @@ from distalign.data import (
     tokenize_examples,
     tokenize_prompts,
 )
-from distalign.evaluation.pipeline import _validate
+from distalign.evaluation.config import EvalConfig
 from distalign.training.common import chat_format
 from distalign.training.sampling import build_sampler
 
@@ -110,10 +110,10 @@ def test_every_config_family_takes_and_checks_the_chat_fields(schema, extra):
 
 
 def test_eval_takes_the_chat_keys():
-    config = {"policies": ["p"], "prompts": "x.jsonl", "output_dir": "o", "chat_template": "never"}
-    _validate(config)
-    with pytest.raises(ValueError, match=r"^eval\.system: a system prompt needs the chat template"):
-        _validate({**config, "system": "be brief"})
+    base = ["policies=[p]", "prompts=x.jsonl", "output_dir=o", "chat_template=never"]
+    assert load_config(EvalConfig, None, base).chat_template == "never"
+    with pytest.raises(ConfigError, match=r"system'?: needs the chat template, but chat_template is 'never'"):
+        load_config(EvalConfig, None, [*base, "system=be brief"])
 
 
 @pytest.mark.parametrize("backend", ["hf", "generate"])
@@ -124,3 +124,33 @@ def test_samplers_stop_at_the_prepared_eos(backend):
     tok = prepare_tokenizer(make_tokenizer(), ChatFormat())
     sampler = build_sampler(tok, GenerationConfig(backend=backend), "unused")
     assert sampler.eos == END
+
+
+def test_online_trainer_samples_and_checks_eos_with_the_end_of_turn_token(tmp_path):
+    """End to end through the trainer: records end with <|end|>, the sampler stops at it, a rollout's
+    missing-EOS flag is about it."""
+    import json
+
+    import torch
+
+    from distalign.config import load_config
+    from distalign.models import make_tiny
+    from distalign.training.online import OnlineTrainer
+    make_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    model = make_tiny(tmp_path / "model", hidden_size=16, num_layers=1, vocab_size=len(ID),
+                      tokenizer_dir=tmp_path / "tok")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is two", "answer": "four"}) + "\n")
+    cfg = load_config(OnlineConfig, None, [
+        "method=grpo", f"model.name_or_path={model}", f"data.train={prompts}", "rewards=[{kind: exact_answer}]",
+        f"train.output_dir={tmp_path / 'run'}", "train.batch_size=1", "generation.num_samples=2",
+        "generation.max_new_tokens=4", "train.progress_bar=false", "data.max_prompt_length=8", "data.max_length=16"])
+    trainer = OnlineTrainer(cfg, log=lambda *_: None)
+    assert trainer.tokenizer.eos_token_id == trainer.sampler.eos == END
+    assert trainer.records[0].prompt_ids == [USER] + ids("what is two") + [END, ASSISTANT]
+    only_end = torch.full((len(ID),), -1e4)
+    only_end[END] = 0.0   # the policy puts all its mass on <|end|>: each sample is that one token, and ends
+    trainer.policy.lm_head.register_forward_hook(lambda module, inputs, out: torch.zeros_like(out) + only_end)
+    batch = trainer.sampler.sample(trainer.policy, [trainer.records[0].prompt_ids] * 2)
+    responses = batch.input_ids[:, batch.prompt_length:]
+    assert not batch.truncated.any() and (responses[:, 0] == END).all(), responses

@@ -212,8 +212,32 @@ def test_unreachable_hub_in_a_subprocess_is_exit_2(tmp_path):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     proc = subprocess.run([sys.executable, "-m", "distalign", "train", "sft", "model.name_or_path=nobody/typo-model",
                            f"data.train={data}", f"train.output_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("distalign: error: model 'nobody/typo-model': not a local folder and not reachable")
     assert lines[0].endswith("and it is not in the local cache") and not (tmp_path / "run").exists()
+
+
+def test_convert_checks_logits_and_leaves_nothing_when_they_differ(good, tmp_path, monkeypatch):
+    """convert_gguf reads any source load_policy takes; a tiny folder stands in for the GGUF here. The saved
+    folder must reproduce the source's logits exactly, else the conversion fails and no folder is left."""
+    from distalign.models import gguf
+    out = gguf.convert_gguf(good[0], tmp_path / "ok", log=lambda *_: None)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    real_load = gguf.load_policy
+    calls = []
+
+    def reload_perturbed(path):
+        model = real_load(path)
+        calls.append(path)
+        if len(calls) == 2:   # the reload of the written folder
+            with torch.no_grad():
+                model.model.norm.weight.add_(1e-3)
+        return model
+    monkeypatch.setattr(gguf, "load_policy", reload_perturbed)
+    with pytest.raises(ModelLoadError, match=r"the saved model's logits differ from the GGUF-loaded model's "
+                                             r"\(max \|difference\| "):
+        gguf.convert_gguf(good[0], tmp_path / "bad", log=lambda *_: None)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-bad-*"))

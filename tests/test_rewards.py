@@ -79,11 +79,17 @@ def test_reward_model_source_scores_last_real_token(tmp_path):
     scores = source(prompts, completions, [{}] * 3)
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
     tok = load_tokenizer(str(path))
+    raw = RewardModelSource(model, tok, batch_size=2, chat_template="never")(prompts, completions, [{}] * 3)
     for i in range(3):  # one unpadded row at a time, formatted as reward training formats pairs
-        ids = torch.tensor([tok(prompts[i])["input_ids"] + tok(completions[i], add_special_tokens=False)["input_ids"]
-                            + [tok.eos_token_id]])
-        with torch.no_grad():
-            assert scores[i].item() == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+        # data.chat_template=auto and the tokenizer has a template: the prompt is one user turn
+        turn = tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
+                                       add_generation_prompt=True)
+        response = tok(completions[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for got, prompt_ids in ((scores[i], tok(turn, add_special_tokens=False)["input_ids"]),
+                                (raw[i], tok(prompts[i])["input_ids"])):
+            with torch.no_grad():
+                expected = model(input_ids=torch.tensor([prompt_ids + response])).logits[0, 0].item()
+            assert got.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_callable_source_names_the_sample_that_raises_and_accepts_numpy():
