@@ -127,6 +127,20 @@ def test_save_adapter_and_merged(tiny, tmp_path):
     assert len(load_tokenizer(merged_dir)) == len(tokenizer)
 
 
+def test_reference_saved_as_an_adapter_keeps_its_adapter(tiny, tmp_path):
+    """`reference=` a LoRA run's final/ (an adapter folder): pi0 is base + that adapter, not the bare base
+    (the policy's own adapter is what gets disabled)."""
+    sft = load_policy(tiny["llama"], lora={"r": 4, "alpha": 8})
+    perturb_adapter(sft)
+    expected = logps_of(sft)
+    adapter_dir = save_model(sft, load_tokenizer(tiny["llama"]), tmp_path / "sft")
+    policy = load_policy(tiny["llama"], lora={"r": 4, "alpha": 8})
+    with ReferenceModel.for_policy(policy, adapter_dir).context() as ref:
+        torch.testing.assert_close(logps_of(ref), expected, rtol=0, atol=1e-5)
+        assert not torch.is_grad_enabled()
+    assert (expected - logps_of(load_policy(tiny["llama"]))).abs().max() > 1e-3
+
+
 def test_reward_model_with_lora_trains_head(tiny):
     model = load_reward_model(tiny["rm"], lora={"r": 2})
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

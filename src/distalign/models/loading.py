@@ -284,9 +284,15 @@ class ReferenceModel:
 
     @contextmanager
     def context(self) -> Iterator[torch.nn.Module]:
-        """Yield the module whose forward gives reference log-probs (no grad inside)."""
-        with reference_context(self.frozen if self.frozen is not None else self.policy) as module:
-            yield module
+        """Yield the module whose forward gives reference log-probs (no grad inside). A separately loaded
+        reference runs as loaded: one saved as a LoRA adapter keeps its adapter on (disabling it, as for
+        the policy's own adapter, would make pi0 that adapter's base)."""
+        if self.frozen is None:
+            with reference_context(self.policy) as module:
+                yield module
+        else:
+            with torch.no_grad():
+                yield self.frozen
 
 
 @torch.no_grad()
