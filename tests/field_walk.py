@@ -99,12 +99,12 @@ class Spies:
         import distalign.models.loading as loading
         import distalign.training.common as common
         self.forwards, self.loads, self.retained = [], [], 0
-        resolve, retain = loading.resolve_source, common.retain_freed_memory
+        locate, retain = loading.locate, common.retain_freed_memory
         enable_checkpointing = loading.enable_gradient_checkpointing
 
-        def spy_resolve(name, trust_remote_code=False):
+        def spy_locate(name, trust_remote_code=False):
             self.loads.append(bool(trust_remote_code))
-            return resolve(name, trust_remote_code)
+            return locate(name, trust_remote_code)
 
         def spy_retain(*args, **kwargs):
             self.retained += 1
@@ -116,7 +116,7 @@ class Spies:
             self.loads.append("gradient_checkpointing")
             return enable_checkpointing(model)
 
-        monkeypatch.setattr(loading, "resolve_source", spy_resolve)
+        monkeypatch.setattr(loading, "locate", spy_locate)
         monkeypatch.setattr(loading, "enable_gradient_checkpointing", spy_checkpointing)
         monkeypatch.setattr(common, "retain_freed_memory", spy_retain)
         self.handle = torch.nn.modules.module.register_module_forward_hook(self._forward)

@@ -47,6 +47,12 @@ class Env:
     pass
 
 
+# The world's tokenizer with a chat template (data.chat_template, data.system show with it): each turn is
+# its role and text closed by EOS; role words are <unk> to the world's vocabulary, which is fine.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {{ eos_token }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
 def permuted_tokenizer(world):
     """The world's word-level tokenizer with its words in reverse order: same size, other ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -86,6 +92,10 @@ def env(tmp_path_factory):
     tok.save_pretrained(str(root / "tok"))
     permuted_tokenizer(world).save_pretrained(str(root / "tok2"))
     e.tok2 = str(root / "tok2")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(root / "tok_chat"))
+    tok.chat_template = None
+    e.tok_chat = str(root / "tok_chat")
     size = dict(hidden_size=16, num_layers=1, num_heads=2, vocab_size=len(tok), tokenizer_dir=root / "tok",
                 max_position_embeddings=32)
     base = make_tiny(root / "base", **size)
@@ -156,7 +166,15 @@ def data_checks(train: Callable, bad: Callable, refused_eval=(), refused_max_len
         "data.max_length": [C(lambda e, m: str(e.max_prompt + 1), refused_max_length,
                               context=lambda e, m: (f"data.max_prompt_length={e.max_prompt}",))],
         "data.skip_invalid": [C("true", context=lambda e, m: (bad(e, m),), unlocks=True)],
+        # the world's tokenizer has no template: "always" and a system prompt are refused; with one, prompts
+        # are rendered through it unless "never", and the system prompt is a turn of its own
+        "data.chat_template": [C("always", ALL), C("never", context=chat_tokenizer)],
+        "data.system": [C("Be brief.", ALL), C("Be brief.", context=chat_tokenizer)],
     }
+
+
+def chat_tokenizer(e, m) -> tuple:
+    return (f"model.tokenizer={e.tok_chat}",)
 
 
 def run_checks(refused_epochs=(), huge_lr="optim.learning_rate=1e39", lora=True) -> dict:

@@ -144,7 +144,7 @@ def test_online_trainer_samples_and_checks_eos_with_the_end_of_turn_token(tmp_pa
     cfg = load_config(OnlineConfig, None, [
         "method=grpo", f"model.name_or_path={model}", f"data.train={prompts}", "rewards=[{kind: exact_answer}]",
         f"train.output_dir={tmp_path / 'run'}", "train.batch_size=1", "generation.num_samples=2",
-        "generation.max_new_tokens=4", "train.progress_bar=false", "data.max_prompt_length=8", "data.max_length=16"])
+        "generation.max_new_tokens=4", "train.progress_bar=false", "data.max_prompt_length=8"])
     trainer = OnlineTrainer(cfg, log=lambda *_: None)
     assert trainer.tokenizer.eos_token_id == trainer.sampler.eos == END
     assert trainer.records[0].prompt_ids == [USER] + ids("what is two") + [END, ASSISTANT]

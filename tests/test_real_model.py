@@ -34,8 +34,9 @@ QUESTION = "What is the capital of France?"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 IM_START, IM_END, ENDOFTEXT = 1, 2, 0
 LORA = ["model.lora.r=8", "model.lora.alpha=16"]
-SHORT = ["data.max_prompt_length=48", "data.max_length=80", "train.progress_bar=false", "train.log_every=1",
-         "optim.warmup_steps=0", "optim.schedule=constant"]
+SHORT = ["data.max_prompt_length=48", "train.progress_bar=false", "train.log_every=1", "optim.warmup_steps=0",
+         "optim.schedule=constant"]
+RESPONSES = ["data.max_length=80"]   # offline data only: online prompts have no response to bound
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,7 +166,7 @@ def test_sft_lora_few_steps(smollm2_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS])
     cfg = load_config(OfflineConfig, None, [
         "method=sft", f"model.name_or_path={smollm2_dir}", f"data.train={data}", f"train.output_dir={tmp_path / 'run'}",
-        "train.batch_size=4", "train.max_steps=3", "optim.learning_rate=2e-3", *LORA, *SHORT])
+        "train.batch_size=4", "train.max_steps=3", "optim.learning_rate=2e-3", *LORA, *SHORT, *RESPONSES])
     train_offline(cfg)
     losses = [row["train/loss"] for row in metrics(tmp_path / "run") if "train/loss" in row]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
@@ -178,7 +179,8 @@ def test_dpo_lora_reference_is_pi0_and_loss_moves(smollm2_dir, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(OfflineConfig, None, [
         "method=dpo", f"model.name_or_path={smollm2_dir}", f"data.train={data}", f"train.output_dir={out}",
-        "train.batch_size=4", "train.max_steps=3", "optim.learning_rate=2e-3", "loss.beta=0.1", *LORA, *SHORT])
+        "train.batch_size=4", "train.max_steps=3", "optim.learning_rate=2e-3", "loss.beta=0.1", *LORA, *SHORT,
+        *RESPONSES])
     result = train_offline(cfg)
     losses = [row["train/loss"] for row in metrics(out) if "train/loss" in row]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

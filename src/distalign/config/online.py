@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .applicability import first_reason, never, only, refuse_ignored, split_rule, when
 from .plugins import import_callable
 from .schema import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REAL, UNIT, DataConfig, ModelConfig, OptimConfig,
-                     RUN_RULES, RunConfig, _f)
+                     RUN_RULES, RunConfig, _f, check_chat_fields)
 
 ONLINE_METHODS = ("ppo", "reinforce", "rloo", "grpo", "reverse_kl")
 
@@ -24,6 +24,7 @@ class PromptsConfig(DataConfig):
     def validate(self):
         if not self.train:
             raise ValueError("train", "required but missing")
+        check_chat_fields(self)
 
 
 @dataclass

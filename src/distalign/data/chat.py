@@ -17,7 +17,7 @@ the saved tokenizer stops there too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHAT_MODES = ("auto", "always", "never")
 _SENTINEL = "\u2063distalign-end-of-turn-probe\u2063"
@@ -25,25 +25,29 @@ _SENTINEL = "\u2063distalign-end-of-turn-probe\u2063"
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How prompts are rendered: `mode` (auto | always | never) and an optional system prompt."""
+    """How prompts are rendered: `mode` (auto | always | never) and an optional system prompt. Errors name
+    the fields as `field_prefix` + chat_template / system (a run's config says "data.")."""
 
     mode: str = "auto"
     system: str | None = None
+    field_prefix: str = field(default="", compare=False)
 
     def __post_init__(self):
+        where = self.field_prefix
         if self.mode not in CHAT_MODES:
-            raise ValueError(f"chat_template: must be one of {list(CHAT_MODES)}, got {self.mode!r}")
+            raise ValueError(f"{where}chat_template: must be one of {list(CHAT_MODES)}, got {self.mode!r}")
         if self.system is not None and self.mode == "never":
-            raise ValueError("system: a system prompt needs the chat template, but chat_template is 'never'")
+            raise ValueError(f"{where}system: a system prompt needs the chat template, but {where}chat_template "
+                             "is 'never'")
 
     def applies(self, tokenizer) -> bool:
         """Whether prompts go through `tokenizer`'s chat template; "always" without one is an error."""
-        has_template = bool(getattr(tokenizer, "chat_template", None))
+        has_template, where = bool(getattr(tokenizer, "chat_template", None)), self.field_prefix
         if self.mode == "always" and not has_template:
-            raise ValueError(f"chat_template: 'always', but the tokenizer {tokenizer.name_or_path!r} has no chat "
-                             "template (use 'auto' or 'never', or a chat model's tokenizer)")
+            raise ValueError(f"{where}chat_template: 'always', but the tokenizer {tokenizer.name_or_path!r} has no "
+                             "chat template (use 'auto' or 'never', or a chat model's tokenizer)")
         if self.system is not None and not has_template:
-            raise ValueError(f"system: a system prompt needs a chat template, and the tokenizer "
+            raise ValueError(f"{where}system: a system prompt needs a chat template, and the tokenizer "
                              f"{tokenizer.name_or_path!r} has none")
         return has_template and self.mode != "never"
 

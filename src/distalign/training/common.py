@@ -572,7 +572,7 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, run, a
 def chat_format(data):
     """The `distalign.data.ChatFormat` of a DataConfig (`data.chat_template`, `data.system`)."""
     from distalign.data import ChatFormat
-    return ChatFormat(data.chat_template, data.system)
+    return ChatFormat(data.chat_template, data.system, field_prefix="data.")
 
 
 def load_run_tokenizer(model_cfg, data):
