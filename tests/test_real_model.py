@@ -39,17 +39,6 @@ SHORT = ["data.max_prompt_length=48", "train.progress_bar=false", "train.log_eve
 RESPONSES = ["data.max_length=80"]   # offline data only: online prompts have no response to bound
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads that lose their core spin-wait, and
-    the group took 235 CPU-s (370 s wall) at load 4 against 45 CPU-s on one thread; a quiet machine loses
-    at most the second core's share."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
     return load_tokenizer(smollm2_dir)
