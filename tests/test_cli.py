@@ -53,7 +53,6 @@ def test_every_example_config_validates():
     from distalign.config.online_pairwise import NashConfig, ONLINE_PAIRWISE_METHODS, OnlinePairwiseConfig
     from distalign.objectives import PAIRWISE_OBJECTIVES
     checked = 0
-    from distalign.config import read_yaml
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         if path.stem == "eval":  # an evaluation config (distalign eval), checked by its own test
             continue

@@ -4,7 +4,6 @@ The log-prob functions follow docs/ARCHITECTURE.md: `token_logps[:, t]` is the l
 `input_ids[:, t]` given its prefix, zero outside the response, fp32; `logps` is their sum.
 """
 from .collate import collate_pairs, collate_sequences, unshare_pairs
-from .sources import ModelSource, locate
 from .loading import (
                       ModelLoadError,
                       ReferenceModel,
@@ -29,6 +28,7 @@ from .logprobs import (
                       token_logps_from_logits,
 )
 from .scoring import reward_scores, score_sequences
+from .sources import ModelSource, locate
 from .tiny import make_tiny, make_tiny_reward_model, train_tokenizer
 
 __all__ = [
