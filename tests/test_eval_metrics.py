@@ -284,6 +284,17 @@ def test_harness_summary_model_args_and_alignment_tax(tmp_path):
                                                   "dtype": "float32", "trust_remote_code": False}
     with pytest.raises(FileNotFoundError, match="missing: checkpoint folder not found"):
         hflm_model_args(tmp_path / "missing")
+    # a .gguf file, as the policy or as the base an adapter trained on it records: HFLM's gguf_file
+    gguf = tmp_path / "models" / "smol.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert hflm_model_args(gguf) == {"pretrained": str(gguf.parent), "gguf_file": "smol.Q4_1.gguf",
+                                     "dtype": "float32", "trust_remote_code": False}
+    (tmp_path / "lora_gguf").mkdir()
+    (tmp_path / "lora_gguf" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gguf)}))
+    assert hflm_model_args(tmp_path / "lora_gguf") == {"pretrained": str(gguf.parent), "gguf_file": "smol.Q4_1.gguf",
+                                                       "peft": str(tmp_path / "lora_gguf"), "dtype": "float32",
+                                                       "trust_remote_code": False}
 
 
 def test_harness_missing_package_message():

@@ -30,18 +30,30 @@ def require_lm_eval():
 def hflm_model_args(checkpoint: str | os.PathLike, dtype: str = "float32",
                     trust_remote_code: bool = False) -> dict:
     """HFLM arguments for a checkpoint folder: `pretrained=path`, or for a PEFT adapter folder
-    `pretrained=<its base model>, peft=path` (the adapter's own config names the base)."""
+    `pretrained=<its base model>, peft=path` (the adapter's own config names the base); a `.gguf` file (as
+    policy or as an adapter's base) is `pretrained=<its folder>, gguf_file=<its name>`, as HFLM takes it."""
     path = Path(checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint folder not found")
     args = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if _is_gguf(path):
+        return {**_pretrained(str(path)), **args}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint folder not found, and not a .gguf file")
     adapter_config = path / "adapter_config.json"
     if adapter_config.exists():
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{adapter_config}: field 'base_model_name_or_path' is missing")
-        return {"pretrained": base, "peft": str(path), **args}
+        return {**_pretrained(base), "peft": str(path), **args}
     return {"pretrained": str(path), **args}
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _pretrained(source: str) -> dict:
+    path = Path(source)
+    return {"pretrained": str(path.parent), "gguf_file": path.name} if _is_gguf(path) else {"pretrained": source}
 
 
 def summarize_results(raw_results: Mapping[str, Mapping]) -> dict:
