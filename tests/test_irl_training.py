@@ -120,6 +120,15 @@ def test_irl_config_errors_name_the_field(lm, tmp_path):
         config(lm, "irl", tmp_path, "rl.method=dpo")
 
 
+def test_rl_step_scores_with_the_reward_steps_chat_settings(lm, tmp_path):
+    """The learned reward model saw demonstrations rendered with data.chat_template / data.system; the RL
+    step's reward source renders the samples' prompts the same way (it used the defaults, no system prompt)."""
+    from distalign.training.irl import online_config
+    cfg = config(lm, "irl", tmp_path, "data.system=Answer briefly.")
+    [spec] = online_config(cfg, str(lm[3]), tmp_path / "rm", tmp_path / "rl", 0, 3).rewards
+    assert spec.kind == "model" and spec.kwargs == {"chat_template": "auto", "system": "Answer briefly."}
+
+
 @pytest.mark.parametrize("method", ["irl", "aihf"])
 def test_example_configs_load(method):
     cfg = load_config(IRLConfig, Path(__file__).parent.parent / "configs" / f"{method}.yaml")

@@ -147,7 +147,9 @@ def online_config(cfg: IRLConfig, policy_dir: str, reward_dir: Path, out_dir: Pa
             "data": {**{k: v for k, v in to_dict(cfg.data).items() if k != "max_length"},
                      "train": cfg.data.train or cfg.demonstrations},
             "optim": to_dict(rl.optim), "generation": to_dict(cfg.generation), "loss": to_dict(rl.loss),
-            "rewards": [{"kind": "model", "path": str(reward_dir), "name": "learned"}],
+            # scored with the prompts rendered as the reward step rendered them (chat template, system prompt)
+            "rewards": [{"kind": "model", "path": str(reward_dir), "name": "learned",
+                         "kwargs": {"chat_template": cfg.data.chat_template, "system": cfg.data.system}}],
             "train": {"output_dir": str(out_dir), "seed": t.seed + iteration, "batch_size": rl.batch_size,
                       "max_steps": steps, "log_every": 1, "keep_checkpoints": t.keep_checkpoints,
                       "save_every": t.save_every, "progress_bar": t.progress_bar, "resume": resume,
