@@ -18,7 +18,7 @@ from distalign.data import (
     tokenize_prompts,
 )
 from distalign.evaluation.config import EvalConfig
-from distalign.training.common import chat_format
+from distalign.training.run_data import chat_format
 from distalign.training.sampling import build_sampler
 
 SPECIALS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]

@@ -48,8 +48,6 @@ from .checkpoint import begin_run, latest_checkpoint, list_checkpoints, run_iden
 from .common import (
     StepGuard,
     build_optimizer,
-    load_records,
-    load_run_tokenizer,
     require_single_process,
     sampling_settings,
     set_seed,
@@ -57,6 +55,7 @@ from .common import (
 from .metrics_log import MetricsLogger
 from .online import prompt_order, train_online
 from .rollout import completion_texts
+from .run_data import load_records, load_run_tokenizer
 from .sampling import build_sampler
 
 

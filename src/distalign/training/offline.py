@@ -27,8 +27,6 @@ from .common import (
     bf16_training_weights,
     build_optimizer,
     build_scheduler,
-    load_records,
-    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     record_length,
@@ -37,6 +35,7 @@ from .common import (
 )
 from .metrics_log import MetricsLogger
 from .reference_cache import precompute_reference_logps
+from .run_data import load_records, load_run_tokenizer
 from .sharded import is_sharded
 from .tasks import PairwiseTask, build_task
 

@@ -47,8 +47,6 @@ from .common import (
     build_optimizer,
     build_reference,
     build_scheduler,
-    load_records,
-    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
@@ -59,6 +57,7 @@ from .common import (
 )
 from .metrics_log import LogWindow, MetricsLogger
 from .rollout import ResponseForward, SampledBatch, completion_texts, grouped_response_forward
+from .run_data import load_records, load_run_tokenizer
 from .sampling import build_sampler
 from .value_head import PolicyWithValueHead, build_value_head
 

@@ -46,8 +46,6 @@ from .common import (
     build_optimizer,
     build_reference,
     build_scheduler,
-    load_records,
-    load_run_tokenizer,
     log_trainable_parameters,
     make_accelerator,
     mean_over_processes,
@@ -60,6 +58,7 @@ from .metrics_log import LogWindow, MetricsLogger
 from .online import (OPPONENT_SAMPLING, SAMPLING, kl_metrics, process_uniforms, prompt_order, reward_parts,
                      score_samples)
 from .rollout import SampledBatch, response_forward
+from .run_data import load_records, load_run_tokenizer
 from .sampling import MixtureSampler, build_sampler, sampler_options
 
 
