@@ -4,6 +4,7 @@ The tokenizer is a word-level one built here (no download), so every expected id
 specials <pad>=0 <unk>=1 <bos>=2 <eos>=3 <|user|>=4 <|assistant|>=5 <|system|>=6, then WORDS from 7.
 """
 import json
+import re
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -198,3 +199,39 @@ def test_cache_reuses_entry_and_misses_on_any_change(tmp_path, raw, monkeypatch)
     assert calls == [1, 1, 1]  # another tokenizer: a miss
     cache.load_tokenized(str(path), "prompts", raw, **kwargs, chat=ChatFormat("never"))
     assert calls == [1, 1, 1, 1]  # another chat format (same ids here, but not in general): a miss
+
+
+def test_exact_response_ids_are_used_verbatim_without_eos(tmp_path, tokenizer):
+    """A sampled response cut at the length limit has no EOS; given as ids it stays cut (the text alone
+    would get an EOS appended), and ids win over a text that tokenises differently."""
+    rows = [{"prompt": "hello", "chosen": "the cat", "rejected": "a dog", "chosen_ids": ids("the cat sat"),
+             "rejected_ids": ids("a dog") + [EOS]},
+            {"prompt": "hello", "chosen": "yes", "rejected": "no"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _ = load_examples(str(path), "pairs")
+    records, _ = tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=8, max_length=32)
+    assert records[0].chosen_ids == ids("the cat sat") and records[0].rejected_ids == ids("a dog") + [EOS]
+    assert records[1].chosen_ids == ids("yes") + [EOS]
+
+
+def test_exact_completion_ids_are_truncated_and_counted_like_text(tokenizer):
+    rows = [example(prompt="hello", completion="the cat sat", completion_ids=ids("the cat sat on a mat"))]
+    records, report = tokenize_examples(rows, "demonstrations", tokenizer,
+                                        max_prompt_length=4, max_length=6)
+    assert records[0].completion_ids == ids("the cat sat on") and report.truncated == {"completion": 1}
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "field 'chosen_ids': expected a non-empty list of token ids, found a list (empty)"),
+    ("1 2", "field 'chosen_ids': expected a non-empty list of token ids, found a string"),
+    ([7, -1], "field 'chosen_ids[1]': expected a non-negative integer token id, found an integer -1"),
+    ([7, 2.0], "field 'chosen_ids[1]': expected a non-negative integer token id, found a number 2.0"),
+    ([7, 99], "field 'chosen_ids': expected token ids below the vocabulary size 19, found 99"),
+])
+def test_bad_response_ids_name_file_row_and_field(tmp_path, tokenizer, value, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "hello", "chosen": "yes", "rejected": "no", "chosen_ids": value}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"pairs.jsonl: row 1: {message}")):
+        examples, _ = load_examples(str(path), "pairs")
+        tokenize_examples(examples, "pairs", tokenizer, max_prompt_length=8, max_length=32)

@@ -11,7 +11,9 @@ Prompt and response ids stay separate because log-probs are summed over response
 - otherwise a plain prompt is `tokenizer(prompt)`, keeping the BOS the tokenizer adds (an EOS it appends
   is dropped, since the prompt does not end the sequence);
 - response: `tokenizer(text, add_special_tokens=False) + [end]`, where `end` is the template's
-  end-of-turn token when the template is in use (e.g. `<|im_end|>`), else EOS.
+  end-of-turn token when the template is in use (e.g. `<|im_end|>`), else EOS; or the row's exact
+  `<field>_ids` verbatim when it has them (`validation`: e.g. sampled responses that a length limit cut
+  before the end token).
 A prompt longer than `max_prompt_length` is a `DataError` (or skipped and counted). A response that
 would make prompt + response exceed `max_length` loses tokens from its end, EOS first, and the row is
 counted under that field in `report.truncated`.
@@ -43,7 +45,7 @@ def tokenize_examples(examples: list[dict], kind: str, tokenizer, *, max_prompt_
               for i, ex in enumerate(examples)]
     report = DataReport(source=wheres[0].source if wheres else (source_name or ""), rows_read=len(examples))
     prompt_ids = tokenize_prompts([ex["prompt"] for ex in examples], tokenizer, wheres, chat=chat)
-    response_ids = {f: tokenize_responses([ex[f] for ex in examples], tokenizer, end) for f in RESPONSE_FIELDS[kind]}
+    response_ids = {f: _response_ids(examples, f, tokenizer, wheres, end) for f in RESPONSE_FIELDS[kind]}
     records = []
     for i, example in enumerate(examples):
         try:
@@ -106,6 +108,19 @@ def tokenize_responses(texts: list[str], tokenizer, end_id: int | None = None) -
     """Ids of each response followed by `end_id` (default: EOS), so the model learns where the answer stops."""
     end = tokenizer.eos_token_id if end_id is None else end_id
     return [ids + [end] for ids in _batch_ids(tokenizer, texts, add_special_tokens=False)]
+
+
+def _response_ids(examples: list[dict], field_name: str, tokenizer, wheres: list[Where],
+                  end_id: int | None = None) -> list[list[int]]:
+    """Each example's ids of `field_name`: its exact `<field>_ids` where given (each id inside the
+    tokenizer's vocabulary), else the tokenised text + the end token (`tokenize_responses`)."""
+    key, vocab = f"{field_name}_ids", len(tokenizer)
+    for example, where in zip(examples, wheres):
+        if key in example and max(example[key]) >= vocab:
+            raise where.error(key, f"expected token ids below the vocabulary size {vocab}, found "
+                              f"{max(example[key])}", "bad token ids")
+    ids = tokenize_responses([ex[field_name] for ex in examples if key not in ex], tokenizer, end_id)[::-1]
+    return [list(ex[key]) if key in ex else ids.pop() for ex in examples]
 
 
 def _batch_ids(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:

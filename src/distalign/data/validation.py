@@ -13,6 +13,10 @@ Normalised rows (every kind also keeps `_row`, 1-based, and `_source` for later 
 A prompt is a string or a list of `{role, content}` messages; responses become the assistant's
 text. A response given as messages makes a string prompt into one user message, so the row is
 rendered with the chat template. Message fields are named like `prompt[2].role` (0-based index).
+A response may also come as exact token ids in `<field>_ids` (`chosen_ids`, `rejected_ids`,
+`completion_ids`: non-empty lists of token ids), kept beside the text; tokenisation then uses them
+verbatim (no EOS appended), so a sampled response cut at a length limit stays cut and a sequence
+that text would re-tokenise differently stays the sequence that was sampled.
 """
 from __future__ import annotations
 
@@ -92,7 +96,7 @@ def _pair(row: dict, where: Where) -> dict:
         raise where.error("rejected", "expected a response different from 'chosen', found the same text",
                           "identical responses")
     return {"prompt": _as_chat(prompt) if chosen_chat or rejected_chat else prompt,
-            "chosen": chosen, "rejected": rejected}
+            "chosen": chosen, "rejected": rejected, **_token_ids(row, ("chosen", "rejected"), where)}
 
 
 def implicit_prompt(chosen: list, rejected: list, where: Where) -> list[dict]:
@@ -128,7 +132,26 @@ def _demonstration(row: dict, where: Where) -> dict:
     prompt = parse_prompt(_field(row, "prompt", where, also="or a 'messages' list"), where)
     completion, is_chat = parse_response(_field(row, "completion", where, also="or a 'messages' list"),
                                          "completion", prompt, where)
-    return {"prompt": _as_chat(prompt) if is_chat else prompt, "completion": completion}
+    return {"prompt": _as_chat(prompt) if is_chat else prompt, "completion": completion,
+            **_token_ids(row, ("completion",), where)}
+
+
+def _token_ids(row: dict, fields: tuple[str, ...], where: Where) -> dict:
+    """The optional exact ids of responses: `{field}_ids` -> a non-empty list of non-negative ints."""
+    found = {}
+    for name in (f"{f}_ids" for f in fields):
+        if name not in row:
+            continue
+        ids = row[name]
+        if not isinstance(ids, list) or not ids:
+            raise where.error(name, f"expected a non-empty list of token ids, found {type_name(ids)}"
+                              f"{' (empty)' if isinstance(ids, list) else ''}", "bad token ids")
+        bad = next((i for i, v in enumerate(ids) if type(v) is not int or v < 0), None)
+        if bad is not None:
+            raise where.error(f"{name}[{bad}]", f"expected a non-negative integer token id, found "
+                              f"{type_name(ids[bad])} {ids[bad]!r}", "bad token ids")
+        found[name] = ids
+    return found
 
 
 def _prompt_row(row: dict, where: Where) -> dict:
