@@ -110,7 +110,7 @@ def cmd_convert_gguf(args) -> int:
     return 0
 
 
-CONFIGURABLE_EXPERIMENTS = ("mixed-feedback",)
+CONFIGURABLE_EXPERIMENTS = {"mixed-feedback": "MixedFeedbackConfig", "real-lm": "RealLMConfig"}  # name -> schema
 
 
 def _experiments_epilog() -> str:
@@ -124,13 +124,20 @@ def cmd_testbed(args) -> int:
     from distalign.config.loader import COMMAND_LINE
     from distalign.testbed.experiments import EXPERIMENTS, run_all, run_experiment
     out = Path(args.out)
-    if args.config:
+    if args.name == "real-lm" and (args.config or args.overrides):
+        # --quick / --seed are key=value overrides of its config, applied before the command line's own
+        flags = (["quick=true"] if args.quick else []) + ([f"seed={args.seed}"] if args.seed else [])
+        from distalign.config import load_config
+        from distalign.config.testbed import RealLMConfig
+        run_experiment(args.name, out, config=load_config(RealLMConfig, args.config, flags + args.overrides))
+    elif args.config:
         if args.name not in CONFIGURABLE_EXPERIMENTS:
             raise ConfigError(f"{COMMAND_LINE}: --config: only {', '.join(CONFIGURABLE_EXPERIMENTS)} "
                               f"takes a config file, not {args.name!r}")
         from distalign.config import load_config
-        from distalign.config.testbed import MixedFeedbackConfig
-        run_experiment(args.name, out, config=load_config(MixedFeedbackConfig, args.config, args.overrides))
+        from distalign.config import testbed as testbed_configs
+        schema = getattr(testbed_configs, CONFIGURABLE_EXPERIMENTS[args.name])
+        run_experiment(args.name, out, config=load_config(schema, args.config, args.overrides))
     elif args.overrides:
         raise ConfigError(f"{COMMAND_LINE}: key=value overrides {args.overrides} need --config")
     elif args.name == "all":

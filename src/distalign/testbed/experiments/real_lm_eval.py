@@ -1,0 +1,141 @@
+"""Metrics of one policy in the real-model world, on held-out prompts, each with its standard error.
+
+    shared = EvalSet.build(world, test_questions, n_target=278, seed=0, rm=rm_model)   # once per run
+    row = evaluate_policy(world, shared, policy, seed=1)                              # per method
+
+- exact KL(pi*||pi): Monte Carlo over y ~ pi* (the shared target samples), log pi*(y) - log pi(y), both
+  exact, so the estimate is unbiased; KL(pi||pi*) likewise on the policy's own samples;
+- KL(pi||pi0) on the policy's own samples (k1, the exact per-sample log-ratio);
+- win-rate against pi0's samples at the same prompts, judged by the exact oracle
+  P*(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b))), asked in both orders; the oracle has no
+  position bias, so the two orders agree to rounding (their largest difference is recorded);
+- the reward model's score, and the share of responses with pirate words (a readout a person can check).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from distalign.evaluation import mean_stderr, reward_scores
+
+from ..real_lm import RealLMWorld, mc_kl
+
+PIRATE_WORDS = re.compile(r"\b(arr+|ahoy|matey|mateys|ye|yer|aye|me hearty|hearties|avast|shiver|timbers|"
+                          r"landlubbers?|scallywags?|booty|grog|buccaneers?|seadogs?|sea dogs?|plunder|"
+                          r"pirates?|ship|captain|treasure)\b", re.IGNORECASE)
+
+
+def pirate_share(texts: list[str]) -> tuple[float, float]:
+    """Share of texts with at least one pirate word, and its standard error."""
+    return mean_stderr([1.0 if PIRATE_WORDS.search(t) else 0.0 for t in texts])
+
+
+@dataclass
+class EvalSet:
+    """What every policy is compared on: test prompts, pi*'s samples there, pi0's samples there."""
+    questions: list[str]                 # one entry per evaluation sample (each test prompt repeated)
+    target: list[list[int]]              # y ~ pi*
+    target_star: Tensor                  # log pi*(y), y ~ pi*
+    baseline: list[list[int]]            # y0 ~ pi0, the win-rate opponent
+    baseline_star: Tensor                # log pi*(y0)
+    rm: object = None                    # reward model (or None)
+
+    @classmethod
+    def build(cls, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int, rm=None) -> EvalSet:
+        rows = [q for q in questions for _ in range(per_prompt)]
+        target = world.sample(rows, "target", seed)
+        baseline = world.sample(rows, "reference", seed + 1)
+        return cls(rows, target, world.logps(rows, target, "target"), baseline,
+                   world.logps(rows, baseline, "target"), rm)
+
+    @classmethod
+    def cached(cls, path: Path, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int) -> EvalSet:
+        """`build` once; later calls (a resumed run) read the samples and log-probs back from `path`."""
+        path = Path(path)
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data["questions"] == [q for q in questions for _ in range(per_prompt)] and data["seed"] == seed:
+                return cls(data["questions"], data["target"], torch.tensor(data["target_star"], dtype=torch.float64),
+                           data["baseline"], torch.tensor(data["baseline_star"], dtype=torch.float64))
+        built = cls.build(world, questions, per_prompt, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"questions": built.questions, "seed": seed, "target": built.target,
+                                    "target_star": built.target_star.tolist(), "baseline": built.baseline,
+                                    "baseline_star": built.baseline_star.tolist()}))
+        return built
+
+
+def _winrate(world: RealLMWorld, ours: Tensor, theirs: Tensor) -> dict:
+    forward = world.preference(ours, theirs)                 # P*(ours > theirs)
+    backward = 1.0 - world.preference(theirs, ours)          # 1 - P*(theirs > ours), the other order
+    both = (forward + backward) / 2
+    mean, err = mean_stderr(both.tolist())
+    return {"win_rate": mean, "win_rate_stderr": err, "order_gap": float((forward - backward).abs().max())}
+
+
+def _kl_entry(name: str, values: tuple[float, float]) -> dict:
+    return {name: values[0], f"{name}_stderr": values[1]}
+
+
+def evaluate_policy(world: RealLMWorld, shared: EvalSet, policy=None, seed: int = 0, tokenizer=None) -> dict:
+    """Every metric of `policy` (an LM prompted like pi0; None = pi0 itself). The row "pi*" is
+    `evaluate_target`."""
+    rows = shared.questions
+    own = world.sample(rows, "reference", seed, model=policy)
+    if policy is None:
+        pi_on_target = world.logps(rows, shared.target, "reference")
+        pi_own = zero_own = world.logps(rows, own, "reference")
+    else:
+        pi_on_target = world.logps(rows, shared.target, "reference", model=policy)
+        pi_own = world.logps(rows, own, "reference", model=policy)
+        zero_own = world.logps(rows, own, "reference")
+    star_own = world.logps(rows, own, "target")
+    return _row(world, shared, own, mc_kl(shared.target_star, pi_on_target), pi_own, zero_own, star_own)
+
+
+def evaluate_target(world: RealLMWorld, shared: EvalSet, seed: int) -> dict:
+    """The same metrics for pi* itself (KL(pi*||pi*) = 0 by construction; its own fresh samples)."""
+    rows = shared.questions
+    own = world.sample(rows, "target", seed)
+    star_own = world.logps(rows, own, "target")
+    return _row(world, shared, own, (0.0, 0.0), star_own, world.logps(rows, own, "reference"), star_own)
+
+
+def _row(world, shared: EvalSet, own, kl_target: tuple, pi_own: Tensor, zero_own: Tensor, star_own: Tensor) -> dict:
+    texts = world.decode(own)
+    row = {**_kl_entry("kl_target_to_policy", kl_target), **_kl_entry("kl_policy_to_ref", mc_kl(pi_own, zero_own)),
+           **_kl_entry("kl_policy_to_target", mc_kl(pi_own, star_own)),
+           **_winrate(world, star_own, shared.baseline_star)}
+    row["pirate_share"], row["pirate_share_stderr"] = pirate_share(texts)
+    row["truncated_share"] = sum(world.truncated(own)) / len(own)
+    row["mean_length"] = sum(len(y) for y in own) / len(own)
+    if shared.rm is not None:
+        scores = reward_scores(shared.rm, world.tokenizer, [world.messages(q, "reference") for q in shared.questions],
+                               texts, batch_size=world.batch_size)
+        row["rm_score"], row["rm_score_stderr"] = mean_stderr(scores)
+    row["samples"] = [{"prompt": q, "response": t} for q, t in zip(shared.questions[::_stride(shared)], texts[::_stride(shared)])][:3]
+    row["n"] = len(own)
+    return row
+
+
+def _stride(shared: EvalSet) -> int:
+    """Sample responses for the report come from three different prompts."""
+    repeats = len(shared.questions) // max(1, len(dict.fromkeys(shared.questions)))
+    return max(1, repeats)
+
+
+def reward_model_accuracy(world: RealLMWorld, shared: EvalSet, rm) -> dict:
+    """Share of held-out (pi*, pi0) sample pairs at the same prompt where the reward model ranks the
+    pi*-likelier response higher (a pairwise accuracy against the exact truth)."""
+    prompts = [world.messages(q, "reference") for q in shared.questions]
+    a = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.target), batch_size=world.batch_size)
+    b = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.baseline), batch_size=world.batch_size)
+    truth = (shared.target_star > shared.baseline_star).tolist()
+    hits = [1.0 if (x > y) == t else 0.0 for x, y, t in zip(a, b, truth)]
+    mean, err = mean_stderr(hits)
+    return {"accuracy": mean, "stderr": err, "n": len(hits)}

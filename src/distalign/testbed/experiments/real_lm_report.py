@@ -1,0 +1,173 @@
+"""Outputs of `testbed real-lm`: table.md, results.json, two PNGs and report.md.
+
+The report compares each pair of seed 001's Table 2 with what was measured. The paper's claim for a
+pair is that the distribution-learning method matches or beats its counterpart in win-rate; here a
+claim counts as "supported" when the difference is above -2 standard errors of the difference (it
+matches or beats), "not supported" when it is below (the counterpart wins clearly). The same rule is
+applied to exact KL(pi*||pi), the quantity the framework says these methods estimate, which the paper
+could not measure.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..plotting import loglog_slope, markdown_table, write_results
+
+COLUMNS = [("KL(pi*||pi)", "kl_target_to_policy"), ("KL(pi||pi0)", "kl_policy_to_ref"),
+           ("KL(pi||pi*)", "kl_policy_to_target"), ("win-rate vs pi0", "win_rate"), ("RM score", "rm_score"),
+           ("pirate share", "pirate_share")]
+PAIRS = [("pmle", "dpo"), ("distillation (RM)", "rebel (RM)"), ("distillation (oracle)", "rebel (oracle)"),
+         ("reverse kl paper (RM)", "rlhf ppo (RM)"), ("reverse kl target (RM)", "rlhf ppo (RM)"),
+         ("reverse kl paper (oracle)", "rlhf ppo (oracle)"), ("reverse kl target (oracle)", "rlhf ppo (oracle)")]
+# Table 2 of seed 001, win-rate by GPT-4 (Pythia 1.4B, 2.8B), for the side-by-side in the report.
+PAPER = {"dpo": (45.0, 50.6), "pmle": (46.0, 48.6), "rebel": (59.5, 70.1), "distillation": (62.5, 75.8),
+         "rlhf ppo": (60.0, 74.0), "reverse kl": (61.5, 74.6)}
+
+
+def _pm(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    err = row.get(f"{key}_stderr")
+    return f"{value:.3f} ± {err:.3f}" if err is not None and math.isfinite(err) else f"{value:.3f}"
+
+
+def results_table(rows: dict) -> str:
+    header = ["method", "lr"] + [c for c, _ in COLUMNS] + ["truncated"]
+    body = [[name, f"{row['learning_rate']:g}" if "learning_rate" in row else "-"]
+            + [_pm(row, key) for _, key in COLUMNS] + [f"{row['truncated_share']:.2f}"] for name, row in rows.items()]
+    return markdown_table(header, body)
+
+
+def rate_table(rate: dict) -> str:
+    body = []
+    for method, by_n in rate.items():
+        ns = sorted(by_n, key=int)
+        slope = loglog_slope([int(n) for n in ns], [max(by_n[n]["kl_target_to_policy"], 1e-9) for n in ns]) \
+            if len(ns) > 1 else math.nan
+        for n in ns:
+            r = by_n[n]
+            body.append([method, n, r["epochs"], "yes" if r["converged"] else "no (epoch cap)",
+                         _pm(r, "kl_target_to_policy"), int(n) * r["kl_target_to_policy"], slope])
+    return markdown_table(["method", "n pairs", "epochs", "converged", "KL(pi*||pi_n)", "n * KL", "log-log slope"], body)
+
+
+def compare(rows: dict, ours: str, theirs: str, key: str, higher_is_better: bool) -> dict | None:
+    if ours not in rows or theirs not in rows or rows[ours].get(key) is None:
+        return None
+    a, b = rows[ours], rows[theirs]
+    diff = (a[key] - b[key]) * (1 if higher_is_better else -1)
+    err = math.hypot(a.get(f"{key}_stderr", 0.0) or 0.0, b.get(f"{key}_stderr", 0.0) or 0.0)
+    return {"ours": a[key], "theirs": b[key], "advantage": diff, "stderr": err, "supported": diff > -2 * err,
+            "clear_win": diff > 2 * err}
+
+
+def comparisons(rows: dict) -> list[dict]:
+    out = []
+    for ours, theirs in PAIRS:
+        win = compare(rows, ours, theirs, "win_rate", True)
+        if win is None:
+            continue
+        out.append({"ours": ours, "theirs": theirs, "win_rate": win,
+                    "kl_target": compare(rows, ours, theirs, "kl_target_to_policy", False),
+                    "kl_ref": compare(rows, ours, theirs, "kl_policy_to_ref", False)})
+    return out
+
+
+def _verdict(c: dict | None, what: str) -> str:
+    if c is None:
+        return f"{what}: not measured"
+    word = "beats" if c["clear_win"] else "matches" if c["supported"] else "loses to"
+    return f"{what} {c['ours']:.3f} vs {c['theirs']:.3f} (advantage {c['advantage']:+.3f} ± {c['stderr']:.3f}): {word}"
+
+
+def comparison_lines(rows: dict) -> list[str]:
+    lines = []
+    for c in comparisons(rows):
+        claim = "supported" if c["win_rate"]["supported"] else "NOT supported"
+        lines.append(f"- **{c['ours']} vs {c['theirs']}** — the paper's win-rate claim is {claim} here. "
+                     f"{_verdict(c['win_rate'], 'Win-rate vs pi0')}; {_verdict(c['kl_target'], 'exact KL(pi*||pi)')}; "
+                     f"{_verdict(c['kl_ref'], 'KL(pi||pi0)')}.")
+    return lines
+
+
+def plots(out: Path, rows: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    for i, name in enumerate(names):
+        r = rows[name]
+        marker = "s" if "oracle" in name else "^" if "(RM)" in name else "o"
+        ax.errorbar(r["kl_policy_to_ref"], r["win_rate"], xerr=r["kl_policy_to_ref_stderr"],
+                    yerr=r["win_rate_stderr"], fmt=marker, markersize=5, capsize=2, label=name)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("KL(pi||pi0), nats per response (policy's own samples)")
+    ax.set_ylabel("win-rate vs pi0 (exact oracle P*)")
+    ax.set_title("Win-rate against KL to the start (squares: oracle reward, triangles: learned RM)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "winrate_vs_kl.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    values = [rows[n]["kl_target_to_policy"] for n in names]
+    errors = [rows[n].get("kl_target_to_policy_stderr", 0.0) for n in names]
+    ax.barh(range(len(names)), values, xerr=errors, color=["grey" if n.startswith("pi") else "C0" for n in names])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(rows["pi0 (start)"]["kl_target_to_policy"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("exact KL(pi*||pi), nats per response (Monte Carlo on pi* samples; dashed: pi0)")
+    ax.set_title("Distance to the target per method")
+    fig.tight_layout()
+    fig.savefig(out / "kl_target_per_method.png", dpi=110)
+    plt.close(fig)
+
+
+def _samples(rows: dict) -> str:
+    parts = []
+    for name, row in rows.items():
+        lines = [f"### {name}"] + [f"- *{s['prompt']}* → {s['response']!r}" for s in row.get("samples", [])]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def write_outputs(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows, world, data = results["rows"], results["world"], results["data"]
+    table = results_table(rows)
+    rate = rate_table(results["rate"]) if results["rate"] else "(not run)"
+    sections = [("Methods on the held-out prompts (mean ± standard error)", table), ("Rate: KL(pi*||pi_n) against n", rate)]
+    (out / "table.md").write_text("\n\n".join(f"## {t}\n\n{b}" for t, b in sections) + "\n")
+    write_results(out, {**results, "comparisons": comparisons(rows)})
+    plots(out, rows)
+    labels = data["labels"]
+    rm = results.get("reward_model_accuracy")
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
+    report = [
+        "# Seed 001's Table 2 on SmolLM2 with an exact target",
+        f"pi*(y|x) = M(y | S, x) with the hidden system prompt S = {world['system_prompt']!r}; pi0(y|x) = M(y|x) "
+        f"(the chat template's default system prompt). Responses are token sequences of at most L = "
+        f"{world['max_new_tokens']} new tokens, ended by {world['eos_token']} or cut at L; both models' log-probs of "
+        "such sequences are exact, so **every KL below is between these distributions over responses of at most L "
+        "tokens**, estimated by Monte Carlo without bias (KL(pi*||pi) on pi* samples, KL(pi||pi0) and KL(pi||pi*) "
+        "on the policy's own).",
+        f"Labels: sigmoid(gamma (log pi*(a) - log pi*(b))) on two pi0 samples, gamma = {labels['gamma']}: "
+        f"{labels['share_informative']:.1%} of the {labels['n']} pairs have P* in [0.1, 0.9]; mean label entropy "
+        f"{labels['label_entropy_nats']:.3f} nats (a coin flip is 0.693); median |log pi*(a) - log pi*(b)| "
+        f"{labels['median_abs_margin']:.1f} nats; {data['truncated_share_pi0']:.0%} of pi0 responses are cut at L.",
+        f"Reward model accuracy against the exact truth on held-out (pi*, pi0) pairs: "
+        + (f"{rm['accuracy']:.3f} ± {rm['stderr']:.3f}." if rm else "not trained."),
+        f"Precision: {results['precision']}. Seed {results['config']['seed']}; learning rates "
+        + ("chosen on the validation split (selected.json)." if results["selected"] else
+           "as recorded per row (no selection in this run)."),
+        "## Results\n\n" + table, "![win-rate vs KL](winrate_vs_kl.png) ![KL to target](kl_target_per_method.png)",
+        "## Table 2's pairs, as measured here\n\n" + "\n".join(comparison_lines(rows) or ["(pairs not run)"]),
+        "Paper (GPT-4 win-rate vs human references, Pythia 1.4B / 2.8B): " + "; ".join(
+            f"{k} {a:.1f}% / {b:.1f}%" for k, (a, b) in PAPER.items()),
+        "## Rate at this scale\n\n" + rate,
+        "## Three responses per method\n\n" + _samples(rows),
+        f"Stage times: {timings}; total {results['seconds']:.0f} s.",
+    ]
+    (out / "report.md").write_text("\n\n".join(report) + "\n")

