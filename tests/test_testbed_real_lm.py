@@ -128,8 +128,8 @@ def smollm2_dir(tmp_path_factory):
 def test_world_log_probs_are_exact_and_responses_end_at_eos_or_l(smollm2_dir):
     """A sampled response's log-prob under pi0 equals the sampler's own (same model, fp32), the pair
     forward equals two single forwards, and every response ends with EOS or has exactly L tokens."""
-    from distalign.testbed.real_lm import PIRATE, Precision, RealLMWorld
-    world = RealLMWorld.load(smollm2_dir, system_prompt=PIRATE, max_new_tokens=6, gamma=0.1,
+    from distalign.testbed.real_lm import FRENCH, Precision, RealLMWorld
+    world = RealLMWorld.load(smollm2_dir, system_prompt=FRENCH, max_new_tokens=6, gamma=0.1,
                              precision=Precision(sample="float32"))
     questions = ["What does `json.dumps` do in Python?"] * 3
     ys = world.sample(questions, "reference", seed=0)

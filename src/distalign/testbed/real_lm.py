@@ -1,6 +1,6 @@
 """The real-model world (SPEC §5 level 3): a chat model M, a hidden system prompt S, exact log-probs.
 
-    world = RealLMWorld.load("runs/smollm2", system_prompt=PIRATE, max_new_tokens=32, gamma=0.1)
+    world = RealLMWorld.load("runs/smollm2", system_prompt=FRENCH, max_new_tokens=32, gamma=0.1)
     ids = world.sample(["What does `json.dumps` do in Python?"] * 4, "target", seed=0)
     logp_star = world.logps(questions, ids, "target")         # log pi*(y|x), float64 (N,)
     logp_zero = world.logps(questions, ids, "reference")      # log pi0(y|x)
@@ -36,7 +36,11 @@ from distalign.data import TokenizedPair
 from distalign.models import collate_pairs, load_policy, load_tokenizer, pair_logps
 from distalign.training.sampling import CachedSampler
 
-PIRATE = "You are a pirate. Always talk like a pirate, with pirate words such as arr, matey, ye and aye."
+# The template's own default system prompt plus one sentence: pi* differs from pi0 by that sentence only.
+# Measured on 12 validation prompts x 2 samples, L = 24: KL(pi*||pi0) = 15.9 +- 1.2 nats and ~half the
+# responses visibly French; pirate prompts gave 3.3-6.6 nats and few pirate words (SmolLM2-135M follows
+# a persona weakly), "Always answer in French." alone 9.5 nats.
+FRENCH = ("You are a helpful AI assistant named SmolLM, trained by Hugging Face. Always answer in French.")
 WHICH = ("target", "reference")
 
 
@@ -107,24 +111,35 @@ class RealLMWorld:
         return [self._prompt_cache[(which, q)] for q in questions]
 
     # ---- sampling and scoring --------------------------------------------------------------------
-    def sample(self, questions: list[str], which: str, seed: int, model=None, temperature: float = 1.0
-               ) -> list[list[int]]:
+    def sample(self, questions: list[str], which: str, seed: int, model=None, temperature: float = 1.0,
+               with_sampler_logps: bool = False):
         """One response per question from pi* / pi0 (or from `model`, a policy, prompted like pi0).
 
         Draws are inverse-CDF uniforms from a generator seeded with `seed`, so a call is reproducible;
-        rows are sampled in batches of consecutive equal questions (one prefill each)."""
+        rows are sampled in batches of consecutive equal questions (one prefill each). With
+        `with_sampler_logps`, also the sampler's own log-probs of each response (at `PRECISION.sample`)."""
         model = self.model if model is None else model
         prompts = self.prompt_ids(questions, which)
         sampler = CachedSampler(self.tokenizer, self.max_new_tokens, temperature)
         uniforms = torch.rand((len(questions), self.max_new_tokens), generator=torch.Generator().manual_seed(seed),
                               dtype=torch.float64)
         out: list[list[int]] = []
+        own: list[Tensor] = []
         step = max(self.batch_size * 2, 1)
         for start in range(0, len(prompts), step):
             with self.precision.autocast("sample"):
                 batch = sampler.sample(model, prompts[start:start + step], uniforms[start:start + step])
             out += [cut_response(row, self.eos) for row in batch.response_ids.tolist()]
-        return out
+            own.append(batch.token_logps.double().sum(-1))
+        return (out, torch.cat(own)) if with_sampler_logps else out
+
+    def sampler_gap(self, questions: list[str], seed: int) -> dict:
+        """How far the sampler's distribution q (bf16 body if `PRECISION.sample` says so) is from the exact
+        fp32 pi0 it stands for: KL(q||pi0) = E_q[log q - log pi0] on q's own samples, with its standard error
+        (zero when sampling runs in fp32, up to rounding)."""
+        responses, own = self.sample(questions, "reference", seed, with_sampler_logps=True)
+        mean, err = mc_kl(own, self.logps(questions, responses, "reference"))
+        return {"kl_sampler_to_exact": mean, "stderr": err, "n": len(responses), "sample_precision": self.precision.sample}
 
     def logps(self, questions: list[str], responses: list[list[int]], which: str, model=None) -> Tensor:
         """Exact log pi(y|x) (float64, (N,)) under pi* / pi0, or under `model` prompted as `which` says."""
@@ -157,6 +172,21 @@ class RealLMWorld:
 
     def truncated(self, responses: list[list[int]]) -> list[bool]:
         return [self.eos not in r for r in responses]
+
+
+@torch.no_grad()
+def calibration_seconds(model, repeats: int = 2) -> float:
+    """Best of `repeats` fp32 forwards of 8 x 256 tokens through `model`: the yardstick of this machine's
+    speed at the time (PERFORMANCE.md: 1.89 s for SmolLM2-135M on the quiet 2-core machine), so stage
+    times measured on a loaded machine can be scaled to a quiet one."""
+    import time
+    ids = torch.randint(3, 1000, (8, 256), generator=torch.Generator().manual_seed(0))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def mc_kl(logp_p: Tensor, logp_q: Tensor) -> tuple[float, float]:

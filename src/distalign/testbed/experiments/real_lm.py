@@ -5,7 +5,7 @@
     distalign testbed real-lm --config configs/real_lm.yaml --out runs/real-lm select=true
 
 World (`testbed.real_lm`): M = SmolLM2-135M-Instruct; pi*(y|x) = M(y | S, x) with a hidden system prompt
-S (a pirate), pi0(y|x) = M(y | x); responses of at most L new tokens, ended by EOS or cut at L, whose
+S ("Always answer in French" after the default one), pi0(y|x) = M(y | x); responses of at most L new tokens, ended by EOS or cut at L, whose
 log-probs are exact under both. Prompts: `real_lm_prompts` (made from the standard library's own
 names and docstrings; train / validation / test). Data: pairs of pi0 samples labelled by
 sigmoid(gamma (log pi*(a) - log pi*(b))) (`real_lm_data`), a reward model trained on them, pi*
@@ -22,15 +22,18 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from tqdm.auto import tqdm
 
 from distalign.config import load_config
 from distalign.config.testbed import RealLMConfig
 from distalign.models import load_policy, load_reward_model
+from distalign.objectives import PairLogps, get_pairwise_objective
 
 from ..lm_data import write_jsonl
-from ..real_lm import PIRATE, PRECISION, RealLMWorld, smollm2_folder
-from ..real_lm_data import (build_pool, demonstration_rows, label_pairs, label_statistics, pass_order,
+from ..real_lm import FRENCH, PRECISION, RealLMWorld, calibration_seconds, mc_kl, smollm2_folder
+from ..real_lm_data import (as_tensor, build_pool, demonstration_rows, label_pairs, label_statistics, pass_order,
                             prompt_rows, write_pair_files)
 from ..real_lm_prompts import load_prompts
 from .real_lm_eval import EvalSet, evaluate_policy, evaluate_target, reward_model_accuracy
@@ -38,11 +41,13 @@ from .real_lm_methods import method_specs, slug, spec_by_name
 from .real_lm_runs import RunContext, train_method, train_reward_model, train_to_convergence
 
 QUICK = {"n_pairs": 48, "rate_ns": [16, 48], "max_new_tokens": 12, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
-         "eval_per_prompt": 2, "n_train_prompts": 48, "n_eval_prompts": 16, "rate_max_epochs": 3}
+         "eval_per_prompt": 2, "n_train_prompts": 48, "n_eval_prompts": 16, "rate_max_epochs": 3,
+         "n_heldout_pairs": 16}
 FULL = {"n_pairs": 1000, "rate_ns": [250, 1000, 4000], "max_new_tokens": 32, "batch_size": 16, "epochs": 2.0,
         "rm_epochs": 2.0, "eval_per_prompt": 2, "n_train_prompts": None, "n_eval_prompts": None,
-        "rate_max_epochs": 6}
+        "rate_max_epochs": 6, "n_heldout_pairs": 128}
 RM_LEARNING_RATE = 3e-4
+QUIET_CALIBRATION = 1.89        # `calibration_seconds` on the quiet 2-core machine (PERFORMANCE.md)
 RATE = {"pmle": (lambda gamma: (f"loss.gamma={gamma}",), 5e-4), "dpo": (lambda gamma: (f"loss.beta={gamma}",), 5e-4)}
 RATE_TOLERANCE = 0.01           # stop when one epoch lowers the empirical objective by < 1 %
 # Learning rates chosen on the validation split (`select=true`); a method missing here takes its grid's first.
@@ -98,18 +103,36 @@ def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) 
     summary = {"train_prompts": len(train), "pool": len(pool),
                "labels": label_statistics(rows[:plan["n_pairs"]], cfg.gamma),
                "labels_rate_pool": label_statistics(rows, cfg.gamma),
-               "truncated_share_pi0": sum(world.truncated([r["a_ids"] for r in pool])) / len(pool)}
+               "truncated_share_pi0": sum(world.truncated([r["a_ids"] for r in pool])) / len(pool),
+               "sampler_gap": _sampler_gap(world, train, cfg.seed, work)}
     return {k: str(v) for k, v in files.items()}, summary
 
 
+def _sampler_gap(world: RealLMWorld, questions: list[str], seed: int, work: Path) -> dict:
+    path = work / "sampler_gap.json"
+    if not path.is_file():
+        path.write_text(json.dumps(world.sampler_gap(questions[:32], seed + 11)))
+    return json.loads(path.read_text())
+
+
+def heldout_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> list[dict]:
+    """Labelled pairs at the validation prompts: the rate runs' held-out objective."""
+    questions = _questions("validation", plan["n_eval_prompts"])
+    with Stage(work, "held-out pairs (validation prompts)", plan["n_heldout_pairs"]) as bar:
+        pool = build_pool(world, questions, plan["n_heldout_pairs"], work / "pool-validation.jsonl", cfg.seed + 5,
+                          progress=bar)
+    return label_pairs(pool, cfg.gamma, cfg.seed + 6, cfg.label_gamma, cfg.label_noise)
+
+
 def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) -> dict:
-    """Evaluate a policy folder (merged LoRA) or pi0 (None), caching the row in `path`."""
+    """Evaluate a policy folder (its LoRA adapter merged) or pi0 (None), caching the row in `path`."""
     if path.is_file():
         return json.loads(path.read_text())
+    start = time.perf_counter()
     policy = None
     if model_dir is not None:
         policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
-    row = evaluate_policy(world, shared, policy, seed)
+    row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return row
@@ -141,37 +164,63 @@ def learning_rate(spec, selected: dict) -> float:
 
 
 def run_methods(world, specs, ctx: RunContext, shared: EvalSet, selected: dict, cfg: RealLMConfig, work: Path) -> dict:
+    """Train and evaluate each row; a row already on disk (an earlier, interrupted run) is read back."""
     rows = {}
     with Stage(work, "methods (train + evaluate)", len(specs)) as bar:
         for i, spec in enumerate(specs):
             bar.set_postfix_str(spec.name)
-            lr = learning_rate(spec, selected)
+            lr, run_dir = learning_rate(spec, selected), work / "runs" / slug(spec.name)
             start = time.perf_counter()
-            folder = train_method(spec, ctx, lr, work / "runs" / slug(spec.name))
+            folder = train_method(spec, ctx, lr, run_dir)
+            timing = run_dir / "train_seconds.json"
+            if not timing.is_file():
+                timing.write_text(json.dumps(time.perf_counter() - start))
             row = evaluate_row(world, shared, work / "evals" / f"{slug(spec.name)}.json", cfg.seed + 100 + i, str(folder))
             rows[spec.name] = {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
-                               "reward": spec.reward, "pair": spec.pair, "seconds": row.get("seconds") or
-                               time.perf_counter() - start}
+                               "reward": spec.reward, "pair": spec.pair,
+                               "train_seconds": json.loads(timing.read_text())}
             bar.update(1)
     return rows
 
 
-def run_rate(world, ctx: RunContext, shared: EvalSet, plan: dict, cfg: RealLMConfig, work: Path) -> dict:
-    """PMLE and DPO at each n, trained until the empirical objective stops improving; KL(pi*||pi_n)."""
-    from ..real_lm import mc_kl
+def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method: str, gamma: float):
+    """probe(model) -> the method's objective on held-out pairs (validation prompts) and exact KL(pi*||pi)
+    on the test prompts' pi* samples: what `train_to_convergence` records after each epoch."""
+    objective, hparams = get_pairwise_objective(method), {"pmle": {"gamma": gamma}, "dpo": {"beta": gamma}}[method]
+    questions = [r["question"] for r in heldout]
+    chosen, rejected = [r["chosen_ids"] for r in heldout], [r["rejected_ids"] for r in heldout]
+    lengths = (torch.tensor([float(len(c)) for c in chosen]), torch.tensor([float(len(r)) for r in rejected]))
+    refs = (as_tensor(heldout, "ref_chosen"), as_tensor(heldout, "ref_rejected"))
+
+    def probe(model) -> dict:
+        a, b = world.pair_logps(questions, chosen, rejected, "reference", model=model)
+        heldout_loss = objective(PairLogps(a, b, *lengths, *refs), **hparams).mean()
+        kl = mc_kl(shared.target_star, world.logps(shared.questions, shared.target, "reference", model=model))
+        return {"heldout_objective": float(heldout_loss), "kl_target_to_policy": kl[0],
+                "kl_target_to_policy_stderr": kl[1]}
+    return probe
+
+
+def run_rate(world, ctx: RunContext, shared: EvalSet, heldout: list[dict], plan: dict, cfg: RealLMConfig,
+             work: Path) -> dict:
+    """PMLE and DPO at each n, trained until the empirical objective stops improving (`RATE_TOLERANCE`);
+    per epoch: the objective, the held-out objective and exact KL(pi*||pi)."""
     results = {m: {} for m in RATE}
     with Stage(work, "rate (pmle, dpo to convergence)", len(RATE) * len(plan["rate_ns"])) as bar:
         for method, (settings, lr) in RATE.items():
+            probe = rate_probe(world, shared, heldout, method, cfg.gamma)
             for n in plan["rate_ns"]:
-                out = work / "rate" / f"{method}-n{n}"
-                folder, history = train_to_convergence(method, settings(cfg.gamma), ctx,
-                                                       Path(ctx.files["pairs"]).with_name(f"pairs-{n}.jsonl"), n, out,
-                                                       lr, plan["rate_max_epochs"], RATE_TOLERANCE)
-                policy = load_policy(str(folder)).merge_and_unload().eval()
-                kl = mc_kl(shared.target_star, world.logps(shared.questions, shared.target, "reference", model=policy))
-                results[method][n] = {"kl_target_to_policy": kl[0], "kl_target_to_policy_stderr": kl[1],
-                                      "epochs": len(history) - 1, "objective": history,
-                                      **json.loads((out / "convergence.json").read_text())}
+                pairs = Path(ctx.files["pairs"]).with_name(f"pairs-{n}.jsonl")
+                _, record = train_to_convergence(method, settings(cfg.gamma), ctx, pairs, n,
+                                                 work / "rate" / f"{method}-n{n}", lr, plan["rate_max_epochs"],
+                                                 RATE_TOLERANCE, probe)
+                final = record["history"][-1]
+                best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
+                results[method][n] = {**record, "epochs": final["epoch"], "learning_rate": lr,
+                                      "kl_target_to_policy": final["kl_target_to_policy"],
+                                      "kl_target_to_policy_stderr": final["kl_target_to_policy_stderr"],
+                                      "best_heldout_epoch": best["epoch"],
+                                      "kl_at_best_heldout": best["kl_target_to_policy"]}
                 bar.update(1)
     return results
 
@@ -183,8 +232,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     model_dir = cfg.model or str(smollm2_folder(cfg.cache_dir or out / "cache"))
-    system = cfg.system_prompt or PIRATE
+    system = cfg.system_prompt or FRENCH
     world = RealLMWorld.load(model_dir, system_prompt=system, max_new_tokens=plan["max_new_tokens"], gamma=cfg.gamma)
+    calibration = calibration_seconds(world.model)
     files, data_summary = prepare_data(world, cfg, plan, work)
     with Stage(work, "evaluation samples (pi*, pi0 on test prompts)") as bar:
         shared = EvalSet.cached(work / "eval_set.json", world, _questions("test", plan["n_eval_prompts"]),
@@ -212,12 +262,16 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
         rows["pi* (target)"] = json.loads(target_path.read_text())
         bar.update(1)
     rows.update(run_methods(world, specs, ctx, shared, selected, cfg, work))
-    rate = run_rate(world, ctx, shared, plan, cfg, work) if cfg.rate else {}
+    rate = {}
+    if cfg.rate:
+        heldout = heldout_pairs(world, cfg, plan, work)
+        rate = run_rate(world, ctx, shared, heldout, plan, cfg, work)
     results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "plan": plan,
                "world": world.describe(), "precision": PRECISION.__dict__, "data": data_summary, "rows": rows,
                "rate": rate, "selected": selected,
                "reward_model_accuracy": reward_model_accuracy(world, shared, shared.rm) if shared.rm else None,
-               "timings": json.loads((work / "timings.json").read_text()), "seconds": time.perf_counter() - began}
+               "timings": json.loads((work / "timings.json").read_text()), "seconds": time.perf_counter() - began,
+               "calibration_seconds": calibration, "calibration_seconds_quiet": QUIET_CALIBRATION}
     from .real_lm_report import write_outputs
     write_outputs(out, results)
     return results

@@ -9,7 +9,7 @@
 - win-rate against pi0's samples at the same prompts, judged by the exact oracle
   P*(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b))), asked in both orders; the oracle has no
   position bias, so the two orders agree to rounding (their largest difference is recorded);
-- the reward model's score, and the share of responses with pirate words (a readout a person can check).
+- the reward model's score, and the share of responses in French (`is_french`, a readout a person can check).
 """
 from __future__ import annotations
 
@@ -25,14 +25,22 @@ from distalign.evaluation import mean_stderr, reward_scores
 
 from ..real_lm import RealLMWorld, mc_kl
 
-PIRATE_WORDS = re.compile(r"\b(arr+|ahoy|matey|mateys|ye|yer|aye|me hearty|hearties|avast|shiver|timbers|"
-                          r"landlubbers?|scallywags?|booty|grog|buccaneers?|seadogs?|sea dogs?|plunder|"
-                          r"pirates?|ship|captain|treasure)\b", re.IGNORECASE)
+FRENCH_WORDS = frozenset("le la les de est une un des du et pour dans qui que sur avec sont ce cette il elle nous "
+                         "vous pas plus par au aux à être très mais ou où donc leur".split())
+ENGLISH_WORDS = frozenset("the is a an of and to in for that it with are this on as be by you can which or".split())
+_WORD = re.compile(r"[a-zà-ÿ]+", re.IGNORECASE)
 
 
-def pirate_share(texts: list[str]) -> tuple[float, float]:
-    """Share of texts with at least one pirate word, and its standard error."""
-    return mean_stderr([1.0 if PIRATE_WORDS.search(t) else 0.0 for t in texts])
+def is_french(text: str) -> bool:
+    """More French than English function words, and at least two of them: a check a reader can redo."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    french = sum(w in FRENCH_WORDS for w in words)
+    return french >= 2 and french > sum(w in ENGLISH_WORDS for w in words)
+
+
+def french_share(texts: list[str]) -> tuple[float, float]:
+    """Share of responses in French (`is_french`) and its standard error."""
+    return mean_stderr([1.0 if is_french(t) else 0.0 for t in texts])
 
 
 @dataclass
@@ -111,7 +119,7 @@ def _row(world, shared: EvalSet, own, kl_target: tuple, pi_own: Tensor, zero_own
     row = {**_kl_entry("kl_target_to_policy", kl_target), **_kl_entry("kl_policy_to_ref", mc_kl(pi_own, zero_own)),
            **_kl_entry("kl_policy_to_target", mc_kl(pi_own, star_own)),
            **_winrate(world, star_own, shared.baseline_star)}
-    row["pirate_share"], row["pirate_share_stderr"] = pirate_share(texts)
+    row["french_share"], row["french_share_stderr"] = french_share(texts)
     row["truncated_share"] = sum(world.truncated(own)) / len(own)
     row["mean_length"] = sum(len(y) for y in own) / len(own)
     if shared.rm is not None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
-from distalign.models import save_model
+from distalign.models import evaluating, save_model
 from distalign.training.offline import OfflineTrainer, train_offline
 from distalign.training.online import train_online
 from distalign.training.online_pairwise import train_online_pairwise
@@ -134,35 +137,49 @@ def train_reward_model(ctx: RunContext, learning_rate: float, out: Path, epochs:
 
 
 def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext, pairs_file: Path, n: int,
-                         out: Path, learning_rate: float, max_epochs: int, tolerance: float) -> tuple[Path, list]:
+                         out: Path, learning_rate: float, max_epochs: int, tolerance: float,
+                         probe: Callable | None = None) -> tuple[Path, dict]:
     """Offline `method` on n pairs until the empirical objective (its mean loss over the n training pairs,
     at the end of an epoch) improves by less than `tolerance` (relative) over one epoch, or max_epochs.
 
-    Constant learning rate (a decaying schedule would need the stopping epoch in advance). Returns final/
-    and the per-epoch objective [(epoch, loss)]; the history is also written to out/convergence.json.
+    Constant learning rate (a decaying schedule would need the stopping epoch in advance). After every
+    epoch `probe(model)` adds its numbers (the experiment's held-out objective and exact KL) to the
+    history, so the report can show the whole curve, not only where the rule stopped. Returns final/ and
+    {"history": [{epoch, objective, ...probe}], "converged", "tolerance"}, also in out/convergence.json.
     """
     out = Path(out)
     record = out / "convergence.json"
     if record.is_file() and (out / "final" / "adapter_config.json").is_file():
-        return out / "final", json.loads(record.read_text())["history"]
+        return out / "final", json.loads(record.read_text())
     steps_per_epoch = max(1, n // ctx.batch_size)
     overrides = [f"method={method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *settings,
                  f"data.train={pairs_file}", f"data.eval={pairs_file}", f"train.batch_size={ctx.batch_size}",
                  f"train.output_dir={out}", f"train.max_steps={steps_per_epoch * max_epochs}",
-                 f"train.seed={ctx.seed}", "train.progress_bar=false",
-                 *_precision(), f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", "optim.schedule=constant"]
+                 f"train.seed={ctx.seed}", "train.progress_bar=false", *_precision(),
+                 f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", "optim.schedule=constant"]
     if method in ("dpo", "cpo"):
         overrides.append("precompute_reference=true")
     with quiet():
         trainer = OfflineTrainer(load_config(OfflineConfig, None, overrides), log=lambda *a: None)
-        history = [(0, trainer.evaluate()["eval/loss"])]
+        model = trainer.acc.unwrap_model(trainer.model)
+
+        def measure(epoch: int) -> dict:
+            entry = {"epoch": epoch, "objective": trainer.evaluate()["eval/loss"]}
+            if probe is not None:
+                with evaluating(model), torch.no_grad():
+                    entry.update(probe(model))
+            return entry
+
+        history, converged = [measure(0)], False
         for epoch in range(1, max_epochs + 1):
             for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
                 trainer.train_step(step)
-            history.append((epoch, trainer.evaluate()["eval/loss"]))
-            if history[-2][1] - history[-1][1] < tolerance * abs(history[-2][1]):
+            history.append(measure(epoch))
+            before, after = history[-2]["objective"], history[-1]["objective"]
+            if before - after < tolerance * abs(before):
+                converged = True
                 break
-        save_model(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer, out / "final")
-    converged = len(history) - 1 < max_epochs or history[-2][1] - history[-1][1] < tolerance * abs(history[-2][1])
-    record.write_text(json.dumps({"history": history, "converged": converged, "tolerance": tolerance}))
-    return out / "final", history
+        save_model(model, trainer.tokenizer, out / "final")
+    result = {"history": history, "converged": converged, "tolerance": tolerance}
+    record.write_text(json.dumps(result))
+    return out / "final", result
