@@ -126,15 +126,15 @@ def smollm2_dir(tmp_path_factory):
 
 @pytest.mark.real_model
 def test_world_log_probs_are_exact_and_responses_end_at_eos_or_l(smollm2_dir):
-    """A sampled response's log-prob under pi0 equals the sampler's own (same model, fp32), the pair
-    forward equals two single forwards, and every response ends with EOS or has exactly L tokens."""
-    from distalign.testbed.real_lm import FRENCH, Precision, RealLMWorld
-    world = RealLMWorld.load(smollm2_dir, system_prompt=FRENCH, max_new_tokens=6, gamma=0.1,
-                             precision=Precision(sample="float32"))
+    """The sampler's own log-probs (fp32 decode) equal the scoring forward's, the pair forward equals two
+    single forwards, and every response ends with EOS or has exactly L tokens."""
+    from distalign.testbed.real_lm import FRENCH, RealLMWorld
+    world = RealLMWorld.load(smollm2_dir, system_prompt=FRENCH, max_new_tokens=6, gamma=0.1)
     questions = ["What does `json.dumps` do in Python?"] * 3
-    ys = world.sample(questions, "reference", seed=0)
+    ys, own = world.sample_scored(questions, "target", seed=0)
     assert all((y[-1] == world.eos) or len(y) == 6 for y in ys)
     single = world.logps(questions, ys, "target")
+    torch.testing.assert_close(own, single, atol=1e-3, rtol=0)
     a, b = world.pair_logps(questions, ys, ys[::-1], "target")
     torch.testing.assert_close(a, single, atol=1e-4, rtol=0)
     torch.testing.assert_close(b, single.flip(0), atol=1e-4, rtol=0)

@@ -32,8 +32,12 @@ def method_families() -> list[tuple[tuple[str, ...], type, Callable]]:
     from distalign.config import OfflineConfig
     from distalign.config.irl import IRL_METHODS, IRLConfig
     from distalign.config.online import ONLINE_METHODS, OnlineConfig
-    from distalign.config.online_pairwise import (ITERATIVE_METHODS, LOOP_METHODS, NashConfig,
-                                                  OnlinePairwiseConfig)
+    from distalign.config.online_pairwise import (
+        ITERATIVE_METHODS,
+        LOOP_METHODS,
+        NashConfig,
+        OnlinePairwiseConfig,
+    )
     from distalign.objectives import PAIRWISE_OBJECTIVES
 
     def lazy(module: str, name: str) -> Callable:

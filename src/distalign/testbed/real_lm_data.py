@@ -54,16 +54,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _pool_chunk(world: RealLMWorld, questions: list[str], seed: int) -> list[dict]:
-    """Two pi0 samples per question (rows [q, q, ...] share a prefill) and their four exact log-probs."""
-    drawn = world.sample([q for q in questions for _ in range(2)], "reference", seed)
-    a, b = drawn[0::2], drawn[1::2]
+    """Two pi0 samples per question (rows [q, q, ...] share a prefill) and their four exact log-probs
+    (pi0's from the sampler itself, pi*'s from one shared-prompt forward per pair)."""
+    drawn, own = world.sample_scored([q for q in questions for _ in range(2)], "reference", seed)
+    a, b, ref_a, ref_b = drawn[0::2], drawn[1::2], own[0::2].clone(), own[1::2].clone()
     for i in range(len(a)):
         redraw = 0
         while a[i] == b[i]:         # equal responses carry no preference; redraw b alone (rare at T = 1)
             redraw += 1
-            b[i] = world.sample([questions[i]], "reference", seed * 7919 + 1000 * i + redraw)[0]
+            fresh, fresh_logp = world.sample_scored([questions[i]], "reference", seed * 7919 + 1000 * i + redraw)
+            b[i], ref_b[i] = fresh[0], fresh_logp[0]
     star_a, star_b = world.pair_logps(questions, a, b, "target")
-    ref_a, ref_b = world.pair_logps(questions, a, b, "reference")
     return [{"question": q, "a_ids": x, "b_ids": y, "star_a": float(sa), "star_b": float(sb),
              "ref_a": float(ra), "ref_b": float(rb)}
             for q, x, y, sa, sb, ra, rb in zip(questions, a, b, star_a, star_b, ref_a, ref_b)]

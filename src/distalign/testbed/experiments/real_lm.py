@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from distalign.config import load_config
@@ -33,8 +32,16 @@ from distalign.objectives import PairLogps, get_pairwise_objective
 
 from ..lm_data import write_jsonl
 from ..real_lm import FRENCH, PRECISION, RealLMWorld, calibration_seconds, mc_kl, smollm2_folder
-from ..real_lm_data import (as_tensor, build_pool, demonstration_rows, label_pairs, label_statistics, pass_order,
-                            prompt_rows, write_pair_files)
+from ..real_lm_data import (
+    as_tensor,
+    build_pool,
+    demonstration_rows,
+    label_pairs,
+    label_statistics,
+    pass_order,
+    prompt_rows,
+    write_pair_files,
+)
 from ..real_lm_prompts import load_prompts
 from .real_lm_eval import EvalSet, evaluate_policy, evaluate_target, reward_model_accuracy
 from .real_lm_methods import method_specs, slug, spec_by_name

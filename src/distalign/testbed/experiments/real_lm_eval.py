@@ -56,10 +56,9 @@ class EvalSet:
     @classmethod
     def build(cls, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int, rm=None) -> EvalSet:
         rows = [q for q in questions for _ in range(per_prompt)]
-        target = world.sample(rows, "target", seed)
+        target, target_star = world.sample_scored(rows, "target", seed)
         baseline = world.sample(rows, "reference", seed + 1)
-        return cls(rows, target, world.logps(rows, target, "target"), baseline,
-                   world.logps(rows, baseline, "target"), rm)
+        return cls(rows, target, target_star, baseline, world.logps(rows, baseline, "target"), rm)
 
     @classmethod
     def cached(cls, path: Path, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int) -> EvalSet:
@@ -94,14 +93,9 @@ def evaluate_policy(world: RealLMWorld, shared: EvalSet, policy=None, seed: int 
     """Every metric of `policy` (an LM prompted like pi0; None = pi0 itself). The row "pi*" is
     `evaluate_target`."""
     rows = shared.questions
-    own = world.sample(rows, "reference", seed, model=policy)
-    if policy is None:
-        pi_on_target = world.logps(rows, shared.target, "reference")
-        pi_own = zero_own = world.logps(rows, own, "reference")
-    else:
-        pi_on_target = world.logps(rows, shared.target, "reference", model=policy)
-        pi_own = world.logps(rows, own, "reference", model=policy)
-        zero_own = world.logps(rows, own, "reference")
+    own, pi_own = world.sample_scored(rows, "reference", seed, model=policy)
+    pi_on_target = world.logps(rows, shared.target, "reference", model=policy)
+    zero_own = pi_own if policy is None else world.logps(rows, own, "reference")
     star_own = world.logps(rows, own, "target")
     return _row(world, shared, own, mc_kl(shared.target_star, pi_on_target), pi_own, zero_own, star_own)
 
@@ -109,8 +103,7 @@ def evaluate_policy(world: RealLMWorld, shared: EvalSet, policy=None, seed: int 
 def evaluate_target(world: RealLMWorld, shared: EvalSet, seed: int) -> dict:
     """The same metrics for pi* itself (KL(pi*||pi*) = 0 by construction; its own fresh samples)."""
     rows = shared.questions
-    own = world.sample(rows, "target", seed)
-    star_own = world.logps(rows, own, "target")
+    own, star_own = world.sample_scored(rows, "target", seed)
     return _row(world, shared, own, (0.0, 0.0), star_own, world.logps(rows, own, "reference"), star_own)
 
 

@@ -162,7 +162,7 @@ def write_outputs(out: Path, results: dict) -> None:
         f"{labels['share_informative']:.1%} of the {labels['n']} pairs have P* in [0.1, 0.9]; mean label entropy "
         f"{labels['label_entropy_nats']:.3f} nats (a coin flip is 0.693); median |log pi*(a) - log pi*(b)| "
         f"{labels['median_abs_margin']:.1f} nats; {data['truncated_share_pi0']:.0%} of pi0 responses are cut at L.",
-        f"Reward model accuracy against the exact truth on held-out (pi*, pi0) pairs: "
+        "Reward model accuracy against the exact truth on held-out (pi*, pi0) pairs: "
         + (f"{rm['accuracy']:.3f} ± {rm['stderr']:.3f}." if rm else "not trained."),
         f"Precision: {results['precision']}; the sampler's distribution differs from the exact fp32 model by "
         f"KL(q||pi0) = {data['sampler_gap']['kl_sampler_to_exact']:.4f} ± {data['sampler_gap']['stderr']:.4f} nats "
