@@ -162,3 +162,27 @@ def test_quick_run_table_shape_and_the_two_reference_methods_approach_pi_star(sm
     assert rows["reverse kl target (oracle)"]["kl_target_to_policy"] < start
     assert (out / "winrate_vs_kl.png").stat().st_size > 1000 and (out / "kl_target_per_method.png").is_file()
     assert "Table 2's pairs" in (out / "report.md").read_text()
+
+
+def test_config_sizes_and_label_switches_change_the_run():
+    """RealLMConfig's field contract, for the fields checkable without a model: every size changes the
+    plan, `quick` swaps the plan, the label fields (and the seed) change the labels, `methods` the rows.
+    (model, cache_dir, system_prompt, select and rate are read by `run` itself.)"""
+    from distalign.config.testbed import REAL_LM_PLAN_KEYS
+    from distalign.testbed.experiments.real_lm import _plan, labels
+    default = load_config(RealLMConfig, None, [])
+    values = {"n_pairs": 3, "rate_ns": [2, 4], "max_new_tokens": 5, "batch_size": 3, "epochs": 1.5, "rm_epochs": 1.5,
+              "eval_per_prompt": 3, "n_train_prompts": 7, "n_eval_prompts": 7, "rate_max_epochs": 9,
+              "n_heldout_pairs": 5}
+    assert sorted(values) == sorted(REAL_LM_PLAN_KEYS)
+    for key, value in values.items():
+        plan = _plan(load_config(RealLMConfig, None, [f"{key}={json.dumps(value)}"]))
+        assert plan[key] == value != _plan(default)[key], key
+    assert _plan(load_config(RealLMConfig, None, ["quick=true"])) != _plan(default)
+    pool = _pool([float(m) for m in range(-20, 20)] * 20)
+    base = [r["chosen_ids"] for r in labels(pool, default, salt=1)]
+    for override in ("gamma=0.5", "label_gamma=0.5", "label_noise=0.3", "seed=4"):
+        changed = [r["chosen_ids"] for r in labels(pool, load_config(RealLMConfig, None, [override]), salt=1)]
+        assert changed != base, override
+    with pytest.raises(ValueError, match="method"):
+        load_config(RealLMConfig, None, ["method=dpo"])

@@ -163,6 +163,12 @@ def prompt_rows(questions: list[str]) -> list[dict]:
 _WORLDS: dict[tuple, RealLMWorld] = {}
 
 
+def share_world(world: RealLMWorld) -> None:
+    """Let `oracle_reward` calls in this process score with `world` (its frozen model) instead of
+    loading a second copy of the same weights."""
+    _WORLDS[(world.model_dir, world.system_prompt, world.max_new_tokens, world.gamma)] = world
+
+
 def oracle_reward(prompts: list[str], completions: list[str], question: list[str], *, model_dir: str,
                   system_prompt: str, max_new_tokens: int, gamma: float, **columns) -> list[float]:
     """R(x, y) = gamma log pi*(y|x), exactly: the population minimiser of the reward model's
@@ -173,7 +179,7 @@ def oracle_reward(prompts: list[str], completions: list[str], question: list[str
     with EOS exactly when it holds fewer than L tokens (a sample stops at EOS or after L tokens).
     The few texts that re-tokenise differently from the sampled ids are scored as re-tokenised.
     """
-    key = (model_dir, system_prompt, max_new_tokens, gamma)
+    key = (str(model_dir), system_prompt, max_new_tokens, gamma)
     if key not in _WORLDS:
         _WORLDS[key] = RealLMWorld.load(model_dir, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
                                         gamma=gamma)

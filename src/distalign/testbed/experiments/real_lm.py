@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from distalign.config import load_config
 from distalign.config.testbed import RealLMConfig
-from distalign.models import load_policy, load_reward_model
+from distalign.models import load_policy
 from distalign.objectives import PairLogps, get_pairwise_objective
 
 from ..lm_data import write_jsonl
@@ -40,19 +40,29 @@ from ..real_lm_data import (
     label_statistics,
     pass_order,
     prompt_rows,
+    share_world,
     write_pair_files,
 )
 from ..real_lm_prompts import load_prompts
 from .real_lm_eval import EvalSet, evaluate_policy, evaluate_target, reward_model_accuracy
 from .real_lm_methods import method_specs, slug, spec_by_name
-from .real_lm_runs import RunContext, train_method, train_reward_model, train_to_convergence
+from .real_lm_runs import (
+    RunContext,
+    memory_mb,
+    release_memory,
+    train_method,
+    train_reward_model,
+    train_to_convergence,
+)
 
-QUICK = {"n_pairs": 48, "rate_ns": [16, 48], "max_new_tokens": 12, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
-         "eval_per_prompt": 2, "n_train_prompts": 48, "n_eval_prompts": 16, "rate_max_epochs": 3,
-         "n_heldout_pairs": 16}
-FULL = {"n_pairs": 1000, "rate_ns": [250, 1000, 4000], "max_new_tokens": 32, "batch_size": 16, "epochs": 2.0,
-        "rm_epochs": 2.0, "eval_per_prompt": 2, "n_train_prompts": None, "n_eval_prompts": None,
-        "rate_max_epochs": 6, "n_heldout_pairs": 128}
+QUICK = {"n_pairs": 16, "rate_ns": [8, 16], "max_new_tokens": 8, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
+         "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 2,
+         "n_heldout_pairs": 8}
+# The full plan, sized for the issue's ~90 min on two quiet cores at fp32 (README: per-stage times): 128
+# pairs per method, L = 16, 256 evaluation samples (128 test prompts x 2); the rate at n = 128, 512, 1024.
+FULL = {"n_pairs": 128, "rate_ns": [128, 512, 1024], "max_new_tokens": 16, "batch_size": 16, "epochs": 2.0,
+        "rm_epochs": 2.0, "eval_per_prompt": 2, "n_train_prompts": None, "n_eval_prompts": 128,
+        "rate_max_epochs": 4, "n_heldout_pairs": 64}
 RM_LEARNING_RATE = 3e-4
 QUIET_CALIBRATION = 1.89        # `calibration_seconds` on the quiet 2-core machine (PERFORMANCE.md)
 RATE = {"pmle": (lambda gamma: (f"loss.gamma={gamma}",), 5e-4), "dpo": (lambda gamma: (f"loss.beta={gamma}",), 5e-4)}
@@ -71,7 +81,9 @@ def _questions(split: str, limit: int | None) -> list[str]:
 
 
 class Stage:
-    """A named stage with a progress bar and its wall time, logged to <work>/timings.json."""
+    """A named stage with a progress bar (count and ETA); its wall time goes to <work>/timings.json (summed
+    over resumed runs) and the process's memory after it to <work>/memory.json (resident MB now, and the
+    process's peak so far), so a stage that holds memory it should have freed shows up."""
 
     def __init__(self, work: Path, name: str, total: int | None = None):
         self.work, self.name, self.total = work, name, total
@@ -83,10 +95,20 @@ class Stage:
 
     def __exit__(self, *exc):
         self.bar.close()
-        path = self.work / "timings.json"
-        timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
-        path.write_text(json.dumps(timings, indent=1))
+        _update_json(self.work / "timings.json",
+                     lambda t: {**t, self.name: t.get(self.name, 0.0) + time.perf_counter() - self.start})
+        release_memory()
+        _update_json(self.work / "memory.json", lambda m: {**m, self.name: memory_mb()})
+
+
+def _update_json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()) if path.is_file() else {}), indent=1))
+
+
+def labels(pool: list[dict], cfg: RealLMConfig, salt: int) -> list[dict]:
+    """The pool's pairs labelled by the config's preference model (gamma, and the misspecification
+    switches label_gamma, label_noise), with the label draws seeded by (seed, salt)."""
+    return label_pairs(pool, cfg.gamma, cfg.seed + salt, cfg.label_gamma, cfg.label_noise)
 
 
 def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict]:
@@ -95,7 +117,7 @@ def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) 
     n_pool = max([plan["n_pairs"], *plan["rate_ns"]]) if cfg.rate else plan["n_pairs"]
     with Stage(work, "pairs (pi0 samples + exact log-probs)", n_pool) as bar:
         pool = build_pool(world, train, n_pool, work / "pool.jsonl", cfg.seed, progress=bar)
-    rows = label_pairs(pool, cfg.gamma, cfg.seed + 1, cfg.label_gamma, cfg.label_noise)
+    rows = labels(pool, cfg, salt=1)
     data = work / "data"
     files = {"prompts": data / "prompts.jsonl", "demos": data / "demonstrations.jsonl"}
     for n in sorted({plan["n_pairs"], *(plan["rate_ns"] if cfg.rate else [])}):
@@ -128,7 +150,7 @@ def heldout_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path)
     with Stage(work, "held-out pairs (validation prompts)", plan["n_heldout_pairs"]) as bar:
         pool = build_pool(world, questions, plan["n_heldout_pairs"], work / "pool-validation.jsonl", cfg.seed + 5,
                           progress=bar)
-    return label_pairs(pool, cfg.gamma, cfg.seed + 6, cfg.label_gamma, cfg.label_noise)
+    return labels(pool, cfg, salt=6)
 
 
 def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) -> dict:
@@ -140,53 +162,72 @@ def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) ->
     if model_dir is not None:
         policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
     row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start}
+    del policy
+    release_memory()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return row
 
 
-def select_learning_rates(world, specs, ctx: RunContext, plan: dict, cfg: RealLMConfig, work: Path) -> dict:
-    """Each spec's learning rate: the grid value with the lowest KL(pi*||pi) on the validation prompts."""
-    validation = EvalSet.cached(work / "validation_set.json", world, _questions("validation", plan["n_eval_prompts"]),
-                                1, cfg.seed + 500)
-    chosen = {}
-    with Stage(work, "select learning rates (validation)", sum(len(s.lr_grid) for s in specs)) as bar:
-        for spec in specs:
-            scores = {}
-            for lr in spec.lr_grid:
-                folder = train_method(spec, ctx, lr, work / "select" / f"{slug(spec.name)}-lr{lr:g}")
-                row = evaluate_row(world, validation, work / "select" / f"{slug(spec.name)}-lr{lr:g}.json",
-                                   cfg.seed + 600, str(folder))
-                scores[lr] = row["kl_target_to_policy"]
-                bar.update(1)
-            chosen[spec.name] = {"learning_rate": min(scores, key=scores.get), "validation_kl": scores}
-    (work / "selected.json").write_text(json.dumps(chosen, indent=1))
-    return chosen
+def timed_training(spec, ctx: RunContext, lr: float, run_dir: Path) -> tuple[Path, float]:
+    """`train_method`, with its wall time kept beside the run (a resumed run keeps the first full timing)."""
+    start = time.perf_counter()
+    folder = train_method(spec, ctx, lr, run_dir)
+    release_memory()
+    timing = run_dir / "train_seconds.json"
+    if not timing.is_file():
+        timing.write_text(json.dumps(time.perf_counter() - start))
+    return folder, json.loads(timing.read_text())
 
 
-def learning_rate(spec, selected: dict) -> float:
-    if spec.name in selected:
-        return selected[spec.name]["learning_rate"]
-    return CHOSEN_LEARNING_RATES.get(spec.name, spec.lr_grid[0])
+def choose_learning_rate(world, spec, ctx: RunContext, validation: EvalSet, cfg: RealLMConfig, work: Path) -> dict:
+    """Train `spec` at each learning rate of its grid (training prompts, the full budget each) and keep
+    the one whose policy has the lowest KL(pi*||pi) on the validation prompts; that run is the row's
+    model (nothing is retrained). Returns {learning_rate, validation_kl, folder, train_seconds}."""
+    path = work / "selected.json"
+    selected = json.loads(path.read_text()) if path.is_file() else {}
+    if spec.name not in selected:
+        scores, runs = {}, {}
+        for lr in spec.lr_grid:
+            run_dir = work / "select" / f"{slug(spec.name)}-lr{lr:g}"
+            runs[lr] = timed_training(spec, ctx, lr, run_dir)
+            row = evaluate_row(world, validation, work / "select" / f"{slug(spec.name)}-lr{lr:g}.json",
+                               cfg.seed + 600, str(runs[lr][0]))
+            scores[lr] = row["kl_target_to_policy"]
+        best = min(scores, key=scores.get)
+        selected[spec.name] = {"learning_rate": best, "validation_kl": {f"{lr:g}": v for lr, v in scores.items()},
+                               "folder": str(runs[best][0]), "train_seconds": runs[best][1],
+                               "grid_train_seconds": sum(t for _, t in runs.values())}
+        path.write_text(json.dumps(selected, indent=1))
+    return selected[spec.name]
 
 
-def run_methods(world, specs, ctx: RunContext, shared: EvalSet, selected: dict, cfg: RealLMConfig, work: Path) -> dict:
-    """Train and evaluate each row; a row already on disk (an earlier, interrupted run) is read back."""
+def run_methods(world, specs, ctx: RunContext, shared: EvalSet, cfg: RealLMConfig, plan: dict, work: Path,
+                on_row=None) -> dict:
+    """Train (choosing the learning rate on the validation split when `cfg.select`) and evaluate each row
+    in turn; a row already on disk (an earlier, interrupted run) is read back. `on_row(rows)` after each
+    row (the outputs are rewritten, so an interrupted run leaves a table of what finished)."""
     rows = {}
+    validation = None
+    if cfg.select:
+        validation = EvalSet.cached(work / "validation_set.json", world,
+                                    _questions("validation", plan["n_eval_prompts"]), 1, cfg.seed + 500)
     with Stage(work, "methods (train + evaluate)", len(specs)) as bar:
         for i, spec in enumerate(specs):
             bar.set_postfix_str(spec.name)
-            lr, run_dir = learning_rate(spec, selected), work / "runs" / slug(spec.name)
-            start = time.perf_counter()
-            folder = train_method(spec, ctx, lr, run_dir)
-            timing = run_dir / "train_seconds.json"
-            if not timing.is_file():
-                timing.write_text(json.dumps(time.perf_counter() - start))
+            if validation is not None:
+                chosen = choose_learning_rate(world, spec, ctx, validation, cfg, work)
+                lr, folder, seconds = chosen["learning_rate"], Path(chosen["folder"]), chosen["train_seconds"]
+            else:
+                lr = CHOSEN_LEARNING_RATES.get(spec.name, spec.lr_grid[0])
+                folder, seconds = timed_training(spec, ctx, lr, work / "runs" / slug(spec.name))
             row = evaluate_row(world, shared, work / "evals" / f"{slug(spec.name)}.json", cfg.seed + 100 + i, str(folder))
             rows[spec.name] = {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
-                               "reward": spec.reward, "pair": spec.pair,
-                               "train_seconds": json.loads(timing.read_text())}
+                               "reward": spec.reward, "pair": spec.pair, "train_seconds": seconds,
+                               "lr_chosen_on": "validation" if validation is not None else "fixed"}
             bar.update(1)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -221,6 +262,7 @@ def run_rate(world, ctx: RunContext, shared: EvalSet, heldout: list[dict], plan:
                 _, record = train_to_convergence(method, settings(cfg.gamma), ctx, pairs, n,
                                                  work / "rate" / f"{method}-n{n}", lr, plan["rate_max_epochs"],
                                                  RATE_TOLERANCE, probe)
+                release_memory()
                 final = record["history"][-1]
                 best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
                 results[method][n] = {**record, "epochs": final["epoch"], "learning_rate": lr,
@@ -232,6 +274,19 @@ def run_rate(world, ctx: RunContext, shared: EvalSet, heldout: list[dict], plan:
     return results
 
 
+def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dict:
+    """The pi0 and pi* rows (cached)."""
+    with Stage(work, "reference rows (pi0, pi*)", 2) as bar:
+        rows = {"pi0 (start)": evaluate_row(world, shared, work / "evals" / "pi0.json", cfg.seed + 90, None)}
+        bar.update(1)
+        target_path = work / "evals" / "pi-star.json"
+        if not target_path.is_file():
+            target_path.write_text(json.dumps(evaluate_target(world, shared, cfg.seed + 91)))
+        rows["pi* (target)"] = json.loads(target_path.read_text())
+        bar.update(1)
+    return rows
+
+
 def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig | None = None) -> dict:
     cfg = config or load_config(RealLMConfig, None, [f"quick={str(quick).lower()}", f"seed={seed}"])
     plan, out = _plan(cfg), Path(out_dir)
@@ -241,6 +296,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
     model_dir = cfg.model or str(smollm2_folder(cfg.cache_dir or out / "cache"))
     system = cfg.system_prompt or FRENCH
     world = RealLMWorld.load(model_dir, system_prompt=system, max_new_tokens=plan["max_new_tokens"], gamma=cfg.gamma)
+    share_world(world)          # the oracle reward scores with this model, not a second copy
     calibration = calibration_seconds(world.model)
     files, data_summary = prepare_data(world, cfg, plan, work)
     with Stage(work, "evaluation samples (pi*, pi0 on test prompts)") as bar:
@@ -256,29 +312,27 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
             ctx.reward_model = str(train_reward_model(ctx, RM_LEARNING_RATE, work / "runs" / "reward-model",
                                                       plan["rm_epochs"]))
             bar.update(1)
-        shared.rm = load_reward_model(ctx.reward_model).eval().requires_grad_(False)
-    selected = select_learning_rates(world, specs, ctx, plan, cfg, work) if cfg.select else {}
-    if not selected and (work / "selected.json").is_file():
-        selected = json.loads((work / "selected.json").read_text())
-    with Stage(work, "reference rows (pi0, pi*)", 2) as bar:
-        rows = {"pi0 (start)": evaluate_row(world, shared, work / "evals" / "pi0.json", cfg.seed + 90, None)}
-        bar.update(1)
-        target_path = work / "evals" / "pi-star.json"
-        if not target_path.is_file():
-            target_path.write_text(json.dumps(evaluate_target(world, shared, cfg.seed + 91)))
-        rows["pi* (target)"] = json.loads(target_path.read_text())
-        bar.update(1)
-    rows.update(run_methods(world, specs, ctx, shared, selected, cfg, work))
+        shared.rm = ctx.reward_model
+    rows = reference_rows(world, shared, cfg, work)
+    rm_accuracy = reward_model_accuracy(world, shared) if shared.rm else None
+
+    def results(rate: dict) -> dict:
+        timings = json.loads((work / "timings.json").read_text())
+        selected = json.loads((work / "selected.json").read_text()) if (work / "selected.json").is_file() else {}
+        return {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "plan": plan,
+                "world": world.describe(), "precision": PRECISION.__dict__, "data": data_summary, "rows": rows,
+                "rate": rate, "selected": selected, "reward_model_accuracy": rm_accuracy, "timings": timings,
+                "memory": json.loads((work / "memory.json").read_text()), "seconds": sum(timings.values()),
+                "seconds_this_invocation": time.perf_counter() - began,
+                "calibration_seconds": calibration, "calibration_seconds_quiet": QUIET_CALIBRATION}
+
+    from .real_lm_report import write_outputs
+    rows.update(run_methods(world, specs, ctx, shared, cfg, plan, work,
+                            on_row=lambda done: write_outputs(out, results({}) | {"rows": {**rows, **done}})))
     rate = {}
     if cfg.rate:
         heldout = heldout_pairs(world, cfg, plan, work)
         rate = run_rate(world, ctx, shared, heldout, plan, cfg, work)
-    results = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "plan": plan,
-               "world": world.describe(), "precision": PRECISION.__dict__, "data": data_summary, "rows": rows,
-               "rate": rate, "selected": selected,
-               "reward_model_accuracy": reward_model_accuracy(world, shared, shared.rm) if shared.rm else None,
-               "timings": json.loads((work / "timings.json").read_text()), "seconds": time.perf_counter() - began,
-               "calibration_seconds": calibration, "calibration_seconds_quiet": QUIET_CALIBRATION}
-    from .real_lm_report import write_outputs
-    write_outputs(out, results)
-    return results
+    final = results(rate)
+    write_outputs(out, final)
+    return final

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from distalign.evaluation import mean_stderr, reward_scores
+from distalign.models import load_reward_model
 
 from ..real_lm import RealLMWorld, mc_kl
 
@@ -51,7 +53,13 @@ class EvalSet:
     target_star: Tensor                  # log pi*(y), y ~ pi*
     baseline: list[list[int]]            # y0 ~ pi0, the win-rate opponent
     baseline_star: Tensor                # log pi*(y0)
-    rm: object = None                    # reward model (or None)
+    rm: str | None = None                # the reward model's folder, loaded only while it scores
+
+    @contextlib.contextmanager
+    def reward_model(self):
+        """The reward model for the length of a `with` block (None without one): the experiment does not
+        hold a copy of its weights while methods train."""
+        yield None if self.rm is None else load_reward_model(self.rm).eval().requires_grad_(False)
 
     @classmethod
     def build(cls, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int, rm=None) -> EvalSet:
@@ -115,10 +123,11 @@ def _row(world, shared: EvalSet, own, kl_target: tuple, pi_own: Tensor, zero_own
     row["french_share"], row["french_share_stderr"] = french_share(texts)
     row["truncated_share"] = sum(world.truncated(own)) / len(own)
     row["mean_length"] = sum(len(y) for y in own) / len(own)
-    if shared.rm is not None:
-        scores = reward_scores(shared.rm, world.tokenizer, [world.messages(q, "reference") for q in shared.questions],
-                               texts, batch_size=world.batch_size)
-        row["rm_score"], row["rm_score_stderr"] = mean_stderr(scores)
+    with shared.reward_model() as rm:
+        if rm is not None:
+            scores = reward_scores(rm, world.tokenizer, [world.messages(q, "reference") for q in shared.questions],
+                                   texts, batch_size=world.batch_size)
+            row["rm_score"], row["rm_score_stderr"] = mean_stderr(scores)
     row["samples"] = [{"prompt": q, "response": t} for q, t in zip(shared.questions[::_stride(shared)], texts[::_stride(shared)])][:3]
     row["n"] = len(own)
     return row
@@ -130,12 +139,13 @@ def _stride(shared: EvalSet) -> int:
     return max(1, repeats)
 
 
-def reward_model_accuracy(world: RealLMWorld, shared: EvalSet, rm) -> dict:
+def reward_model_accuracy(world: RealLMWorld, shared: EvalSet) -> dict:
     """Share of held-out (pi*, pi0) sample pairs at the same prompt where the reward model ranks the
     pi*-likelier response higher (a pairwise accuracy against the exact truth)."""
     prompts = [world.messages(q, "reference") for q in shared.questions]
-    a = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.target), batch_size=world.batch_size)
-    b = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.baseline), batch_size=world.batch_size)
+    with shared.reward_model() as rm:
+        a = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.target), batch_size=world.batch_size)
+        b = reward_scores(rm, world.tokenizer, prompts, world.decode(shared.baseline), batch_size=world.batch_size)
     truth = (shared.target_star > shared.baseline_star).tolist()
     hits = [1.0 if (x > y) == t else 0.0 for x, y, t in zip(a, b, truth)]
     mean, err = mean_stderr(hits)

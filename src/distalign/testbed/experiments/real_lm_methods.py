@@ -48,8 +48,17 @@ def _online(name: str, method: str, family: str, settings: tuple[str, ...], rewa
                       reward, k, (1e-4, 3e-4), pair)
 
 
+# Run and table order: the reference row, then Table 2's three pairs with the learned reward model (the
+# paper's setting), the same with the oracle reward, then the rows outside Table 2; so a run stopped
+# part-way has whole pairs measured first.
+ORDER = ("sft on pi*", "pmle", "dpo",
+         "distillation (RM)", "rebel (RM)", "reverse kl paper (RM)", "rlhf ppo (RM)",
+         "distillation (oracle)", "rebel (oracle)", "reverse kl target (oracle)", "rlhf ppo (oracle)",
+         "reverse kl paper (oracle)", "reverse kl target (RM)", "cpo", "grpo (RM)", "grpo (oracle)")
+
+
 def method_specs(gamma: float) -> list[MethodSpec]:
-    """Every row, in table order; `gamma` is the world's (the labels' sharpness)."""
+    """Every row, in run order (`ORDER`); `gamma` is the world's (the labels' sharpness)."""
     specs = [
         MethodSpec("sft on pi*", "sft", OFFLINE, "demos", (), None, 1, (2e-4, 5e-4), "reference"),
         MethodSpec("dpo", "dpo", OFFLINE, "pairs", (f"loss.beta={gamma}",), None, 1, (2e-4, 5e-4), "pmle vs dpo"),
@@ -72,7 +81,9 @@ def method_specs(gamma: float) -> list[MethodSpec]:
                     reward, "reverse kl vs rlhf"),
             _online("grpo", "grpo", ONLINE, ("loss.kl_coef=0.05",), reward, "other", k=4),
         ]
-    return specs
+    by_name = {s.name: s for s in specs}
+    assert sorted(by_name) == sorted(ORDER), "ORDER lists every row once"
+    return [by_name[name] for name in ORDER]
 
 
 def spec_by_name(specs: list[MethodSpec], names: list[str] | None) -> list[MethodSpec]:

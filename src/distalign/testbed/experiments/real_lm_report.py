@@ -176,7 +176,9 @@ def write_outputs(out: Path, results: dict) -> None:
             f"{k} {a:.1f}% / {b:.1f}%" for k, (a, b) in PAPER.items()),
         "## Rate at this scale\n\n" + rate,
         "## Three responses per method\n\n" + _samples(rows),
-        f"Stage times: {timings}; total {results['seconds']:.0f} s. Machine speed at the start: an fp32 forward "
+        f"Stage times: {timings}; total {results['seconds']:.0f} s; peak resident memory of the process "
+        f"{max([m['peak_rss_mb'] for m in results.get('memory', {}).values()] or [0])} MB. "
+        f"Machine speed at the start: an fp32 forward "
         f"of 8 x 256 tokens took {results['calibration_seconds']:.2f} s (quiet machine: "
         f"{results['calibration_seconds_quiet']:.2f} s).",
     ]

@@ -11,8 +11,11 @@ training pairs themselves, `data.eval`).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,28 @@ from .lm_common import quiet
 from .real_lm_methods import OFFLINE, ONLINE, MethodSpec
 
 LORA = ("model.lora.r=16", "model.lora.alpha=32")
+
+
+def release_memory() -> None:
+    """Free what the last run left: its trainer's reference cycles (gc) and the heap pages glibc keeps
+    (`malloc_trim`). The trainers fix glibc's trim threshold at 1 GB for step speed
+    (`training.common.retain_freed_memory`); an experiment that runs dozens of trainings and evaluations
+    in one process would otherwise keep each one's freed memory and fragments (it reached 10 GB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):    # not glibc: nothing to trim
+        pass
+
+
+def memory_mb() -> dict:
+    """This process's resident memory now and its peak so far, in MB (Linux; peak only elsewhere)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        now = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return {"rss_mb": None, "peak_rss_mb": round(peak)}
+    return {"rss_mb": round(now), "peak_rss_mb": round(peak)}
 ORACLE = "distalign.testbed.real_lm_data:oracle_reward"
 
 
@@ -49,8 +74,11 @@ class RunContext:
     reward_model: str | None = None
     progress_bar: bool = True
 
-    def lengths(self) -> list[str]:
-        return ["data.max_prompt_length=192", f"data.max_length={192 + self.max_new_tokens}"]
+    def lengths(self, responses_in_data: bool = True) -> list[str]:
+        """Length limits no prompt or response here reaches; data.max_length only for methods whose data
+        hold responses (online methods' data are prompts: the config refuses it there)."""
+        return ["data.max_prompt_length=192"] + ([f"data.max_length={192 + self.max_new_tokens}"]
+                                                  if responses_in_data else [])
 
 
 def _schedule(steps: int, learning_rate: float, out: Path, ctx: RunContext) -> list[str]:
@@ -93,7 +121,9 @@ def online_shape(spec: MethodSpec, ctx: RunContext) -> tuple[int, int]:
 
 def overrides_for(spec: MethodSpec, ctx: RunContext, learning_rate: float, out: Path) -> list[str]:
     """The full key=value list of one run (what `distalign train` would be given)."""
-    base = [f"method={spec.method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *spec.settings]
+    with_responses = spec.family == OFFLINE or spec.method == "pmle_online"
+    base = [f"method={spec.method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(with_responses),
+            *spec.settings]
     if spec.family == OFFLINE:
         data = ctx.files[spec.data]
         extra = ["precompute_reference=true"] if spec.method in ("dpo", "cpo") else []
