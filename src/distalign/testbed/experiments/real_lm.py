@@ -50,6 +50,7 @@ from .real_lm_runs import (
     RunContext,
     memory_mb,
     release_memory,
+    reset_peak_memory,
     train_method,
     train_reward_model,
     train_to_convergence,
@@ -90,6 +91,7 @@ class Stage:
 
     def __enter__(self):
         self.start = time.perf_counter()
+        reset_peak_memory()
         self.bar = tqdm(total=self.total, desc=f"real-lm: {self.name}", dynamic_ncols=True)
         return self.bar
 
@@ -215,6 +217,7 @@ def run_methods(world, specs, ctx: RunContext, shared: EvalSet, cfg: RealLMConfi
     with Stage(work, "methods (train + evaluate)", len(specs)) as bar:
         for i, spec in enumerate(specs):
             bar.set_postfix_str(spec.name)
+            reset_peak_memory()
             if validation is not None:
                 chosen = choose_learning_rate(world, spec, ctx, validation, cfg, work)
                 lr, folder, seconds = chosen["learning_rate"], Path(chosen["folder"]), chosen["train_seconds"]
@@ -224,7 +227,8 @@ def run_methods(world, specs, ctx: RunContext, shared: EvalSet, cfg: RealLMConfi
             row = evaluate_row(world, shared, work / "evals" / f"{slug(spec.name)}.json", cfg.seed + 100 + i, str(folder))
             rows[spec.name] = {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
                                "reward": spec.reward, "pair": spec.pair, "train_seconds": seconds,
-                               "lr_chosen_on": "validation" if validation is not None else "fixed"}
+                               "lr_chosen_on": "validation" if validation is not None else "fixed",
+                               "memory_mb": memory_mb()}
             bar.update(1)
             if on_row is not None:
                 on_row(rows)

@@ -50,13 +50,21 @@ def release_memory() -> None:
 
 
 def memory_mb() -> dict:
-    """This process's resident memory now and its peak so far, in MB (Linux; peak only elsewhere)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's resident memory now and its peak since the last `reset_peak_memory` (Linux's VmRSS
+    and VmHWM), in MB; elsewhere only the lifetime peak."""
     try:
-        now = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {"rss_mb": int(status["VmRSS"].split()[0]) // 1024, "peak_rss_mb": int(status["VmHWM"].split()[0]) // 1024}
+    except (OSError, KeyError, ValueError):
+        return {"rss_mb": None, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for `memory_mb` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        return {"rss_mb": None, "peak_rss_mb": round(peak)}
-    return {"rss_mb": round(now), "peak_rss_mb": round(peak)}
+        pass
 ORACLE = "distalign.testbed.real_lm_data:oracle_reward"
 
 
