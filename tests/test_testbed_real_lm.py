@@ -76,7 +76,22 @@ def _ctx(tmp_path):
     files = {k: str(tmp_path / f"{k}.jsonl") for k in ("pairs", "rm_pairs", "demos", "prompts")}
     return RunContext("/m", files, n_pairs=100, max_new_tokens=16, batch_size=8, epochs=2.0, seed=0,
                       oracle={"model_dir": "/m", "system_prompt": "S, with a comma", "max_new_tokens": 16,
-                              "gamma": 0.1}, reward_model="/rm")
+                              "gamma": 0.1}, reward_model="/rm", prompt_tokens=80)
+
+
+def test_micro_batches_bound_the_tokens_of_one_forward(tmp_path):
+    """The optimizer step keeps its examples; each forward holds at most TOKENS_PER_FORWARD tokens (or one
+    example), and a batch that fits is not split."""
+    from distalign.testbed.experiments.real_lm_runs import TOKENS_PER_FORWARD
+    ctx = _ctx(tmp_path)
+    assert ctx.split(8, 96) == ["train.batch_size=8", "train.gradient_accumulation_steps=1"]     # 768 tokens
+    assert ctx.split(16, 112) == ["train.batch_size=4", "train.gradient_accumulation_steps=4"]   # 448 a forward
+    assert ctx.split(6, 2 * TOKENS_PER_FORWARD) == ["train.batch_size=1", "train.gradient_accumulation_steps=6"]
+    by_name = {s.name: s for s in method_specs(0.1)}
+    ppo = load_config(OnlineConfig, None, overrides_for(by_name["rlhf ppo (oracle)"], ctx, 1e-4, tmp_path / "r"))
+    assert ppo.train.batch_size == 8 and ppo.train.gradient_accumulation_steps == 2    # 16 rows x 96 tokens
+    rebel = load_config(OnlinePairwiseConfig, None, overrides_for(by_name["rebel (RM)"], ctx, 1e-4, tmp_path / "r"))
+    assert rebel.train.gradient_checkpointing
 
 
 def test_every_row_builds_a_valid_config_with_the_same_budget(tmp_path):
@@ -89,7 +104,8 @@ def test_every_row_builds_a_valid_config_with_the_same_budget(tmp_path):
                           overrides_for(spec, ctx, 1e-4, tmp_path / "run"))
         assert cfg.model.lora.r == 16 and cfg.optim.learning_rate == 1e-4
         if spec.family == OFFLINE:
-            assert cfg.train.max_steps * cfg.train.batch_size == 2 * ctx.n_pairs   # two epochs of n
+            assert cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps \
+                == 2 * ctx.n_pairs   # two epochs of n
         elif spec.method != "pmle_online":
             prompts, steps = online_shape(spec, ctx)
             assert cfg.generation.max_new_tokens == 16 and cfg.generation.temperature == 1.0

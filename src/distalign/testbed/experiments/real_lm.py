@@ -309,7 +309,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
         bar.update(1)
     ctx = RunContext(model_dir, files, plan["n_pairs"], plan["max_new_tokens"], plan["batch_size"], plan["epochs"],
                      cfg.seed, {"model_dir": model_dir, "system_prompt": system,
-                                "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma})
+                                "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma},
+                     prompt_tokens=max(map(len, world.prompt_ids(_questions("train", plan["n_train_prompts"]),
+                                                                 "reference"))))
     specs = spec_by_name(method_specs(cfg.gamma), cfg.methods)
     if any(s.uses_reward_model for s in specs):
         with Stage(work, "reward model", 1) as bar:

@@ -35,6 +35,9 @@ from .lm_common import quiet
 from .real_lm_methods import OFFLINE, ONLINE, MethodSpec
 
 LORA = ("model.lora.r=16", "model.lora.alpha=32")
+# Tokens one training forward may hold: ~2 GB of fp32 activations at SmolLM2's ~2.6 MB a token, so a run
+# (experiment world + policy + reward model + activations) stays under ~5 GB.
+TOKENS_PER_FORWARD = 768
 
 
 def release_memory() -> None:
@@ -81,6 +84,16 @@ class RunContext:
     oracle: dict             # kwargs of the oracle reward (model_dir, system_prompt, max_new_tokens, gamma)
     reward_model: str | None = None
     progress_bar: bool = True
+    prompt_tokens: int = 64  # the longest chat-rendered training prompt (sizes the micro-batches)
+
+    def split(self, examples: int, tokens_per_example: int) -> list[str]:
+        """train.batch_size / gradient_accumulation_steps for `examples` per optimizer step, in micro-batches
+        of at most `TOKENS_PER_FORWARD` tokens (the smallest divisor of `examples` that fits): the same
+        optimizer step, with activation memory bounded (SmolLM2 keeps ~2.6 MB per trained token in fp32)."""
+        accumulation = next(a for a in range(1, examples + 1)
+                            if examples % a == 0 and examples // a * tokens_per_example <= TOKENS_PER_FORWARD
+                            or a == examples)
+        return [f"train.batch_size={examples // accumulation}", f"train.gradient_accumulation_steps={accumulation}"]
 
     def lengths(self, responses_in_data: bool = True) -> list[str]:
         """Length limits no prompt or response here reaches; data.max_length only for methods whose data
@@ -135,16 +148,31 @@ def overrides_for(spec: MethodSpec, ctx: RunContext, learning_rate: float, out: 
     if spec.family == OFFLINE:
         data = ctx.files[spec.data]
         extra = ["precompute_reference=true"] if spec.method in ("dpo", "cpo") else []
-        return [*base, f"data.train={data}", f"train.batch_size={ctx.batch_size}", *extra,
+        row_tokens = ctx.prompt_tokens + ctx.max_new_tokens * (1 if spec.method == "sft" else 2)
+        return [*base, f"data.train={data}", *ctx.split(ctx.batch_size, row_tokens), *extra,
                 *_schedule(offline_steps(ctx), learning_rate, out, ctx)]
     generation = [f"generation.max_new_tokens={ctx.max_new_tokens}", "generation.temperature=1.0",
                   f"generation.num_samples={spec.samples_per_prompt}"]
     if spec.method == "pmle_online":      # dataset pairs + fresh samples at their prompts for the KL term
         return [*base, f"pairs={ctx.files['pairs']}", f"train.batch_size={ctx.batch_size}", *generation,
+                *_checkpointing(ctx, ctx.batch_size * (2 + spec.samples_per_prompt)),
                 *_schedule(offline_steps(ctx), learning_rate, out, ctx)]
     prompts, steps = online_shape(spec, ctx)
-    return [*base, f"data.train={ctx.files['prompts']}", f"train.batch_size={prompts}", *generation,
+    if spec.family == ONLINE:       # the update's micro-batches: whole groups, same optimizer step
+        accumulation = int(ctx.split(prompts, spec.samples_per_prompt * (ctx.prompt_tokens + ctx.max_new_tokens))[1]
+                           .split("=")[1])
+        memory = [f"train.gradient_accumulation_steps={accumulation}"] if accumulation > 1 else []
+    else:                           # the online pairwise loops take one batch per step: recompute instead
+        memory = _checkpointing(ctx, prompts * spec.samples_per_prompt)
+    return [*base, f"data.train={ctx.files['prompts']}", f"train.batch_size={prompts}", *generation, *memory,
             *_rewards(spec, ctx), *_schedule(steps, learning_rate, out, ctx)]
+
+
+def _checkpointing(ctx: RunContext, rows: int) -> list[str]:
+    """Gradient checkpointing for a loop that trains on `rows` responses in one forward when they hold more
+    than `TOKENS_PER_FORWARD` tokens (same numbers, one more forward, activations of one layer at a time)."""
+    return ["train.gradient_checkpointing=true"] if rows * (ctx.prompt_tokens + ctx.max_new_tokens) > \
+        TOKENS_PER_FORWARD else []
 
 
 def train_method(spec: MethodSpec, ctx: RunContext, learning_rate: float, out: Path) -> Path:
@@ -168,7 +196,8 @@ def train_reward_model(ctx: RunContext, learning_rate: float, out: Path, epochs:
         return out / "final"
     steps = max(1, math.ceil(epochs * ctx.n_pairs / ctx.batch_size))
     overrides = ["method=reward", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(),
-                 f"data.train={ctx.files['rm_pairs']}", f"train.batch_size={ctx.batch_size}",
+                 f"data.train={ctx.files['rm_pairs']}",
+                 *ctx.split(ctx.batch_size, 2 * (ctx.prompt_tokens + ctx.max_new_tokens)),
                  *_schedule(steps, learning_rate, out, ctx)]
     with quiet():
         return Path(train_offline(load_config(OfflineConfig, None, overrides), log=lambda *a: None)["final_model"])
@@ -191,7 +220,8 @@ def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext
         return out / "final", json.loads(record.read_text())
     steps_per_epoch = max(1, n // ctx.batch_size)
     overrides = [f"method={method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *settings,
-                 f"data.train={pairs_file}", f"data.eval={pairs_file}", f"train.batch_size={ctx.batch_size}",
+                 f"data.train={pairs_file}", f"data.eval={pairs_file}",
+                 *ctx.split(ctx.batch_size, ctx.prompt_tokens + 2 * ctx.max_new_tokens),
                  f"train.output_dir={out}", f"train.max_steps={steps_per_epoch * max_epochs}",
                  f"train.seed={ctx.seed}", "train.progress_bar=false", *_precision(),
                  f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", "optim.schedule=constant"]
