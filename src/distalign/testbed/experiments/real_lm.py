@@ -38,6 +38,7 @@ from ..real_lm_data import (
     demonstration_rows,
     label_pairs,
     label_statistics,
+    pair_records,
     pass_order,
     prompt_rows,
     share_world,
@@ -114,29 +115,41 @@ def labels(pool: list[dict], cfg: RealLMConfig, salt: int) -> list[dict]:
 
 
 def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict]:
-    """Pool, labels, the trainers' files and the label statistics; returns (files, data summary)."""
+    """Pool, labels, the trainers' files and the label statistics; returns (files, data summary). The rate's
+    larger pool extends the same file later (`rate_pairs`), so the main comparison does not wait for it."""
     train = _questions("train", plan["n_train_prompts"])
-    n_pool = max([plan["n_pairs"], *plan["rate_ns"]]) if cfg.rate else plan["n_pairs"]
-    with Stage(work, "pairs (pi0 samples + exact log-probs)", n_pool) as bar:
-        pool = build_pool(world, train, n_pool, work / "pool.jsonl", cfg.seed, progress=bar)
+    with Stage(work, "pairs (pi0 samples + exact log-probs)", plan["n_pairs"]) as bar:
+        pool = build_pool(world, train, plan["n_pairs"], work / "pool.jsonl", cfg.seed, progress=bar)
     rows = labels(pool, cfg, salt=1)
     data = work / "data"
-    files = {"prompts": data / "prompts.jsonl", "demos": data / "demonstrations.jsonl"}
-    for n in sorted({plan["n_pairs"], *(plan["rate_ns"] if cfg.rate else [])}):
-        write_pair_files(world, rows[:n], data / f"pairs-{n}.jsonl", data / f"rm-pairs-{n}.jsonl")
-    files["pairs"], files["rm_pairs"] = data / f"pairs-{plan['n_pairs']}.jsonl", data / f"rm-pairs-{plan['n_pairs']}.jsonl"
+    files = {"prompts": data / "prompts.jsonl", "demos": data / "demonstrations.jsonl",
+             "pairs": data / f"pairs-{plan['n_pairs']}.jsonl", "rm_pairs": data / f"rm-pairs-{plan['n_pairs']}.jsonl"}
+    write_pair_files(world, rows, files["pairs"], files["rm_pairs"])
     write_jsonl(files["prompts"], prompt_rows(train))
     if not files["demos"].is_file():
         with Stage(work, "pi* demonstrations", plan["n_pairs"]) as bar:
             write_jsonl(files["demos"], demonstration_rows(world, pass_order(train, plan["n_pairs"], cfg.seed + 2),
                                                            cfg.seed + 3))
             bar.update(plan["n_pairs"])
-    summary = {"train_prompts": len(train), "pool": len(pool),
-               "labels": label_statistics(rows[:plan["n_pairs"]], cfg.gamma),
-               "labels_rate_pool": label_statistics(rows, cfg.gamma),
+    summary = {"train_prompts": len(train), "pool": len(pool), "labels": label_statistics(rows, cfg.gamma),
                "truncated_share_pi0": sum(world.truncated([r["a_ids"] for r in pool])) / len(pool),
                "sampler_gap": _sampler_gap(world, train, cfg.seed, work)}
     return {k: str(v) for k, v in files.items()}, summary
+
+
+def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict]:
+    """The rate experiment's nested pair files (prefixes of one pool, the main comparison's pool extended):
+    {n: path} and the label statistics of the largest."""
+    train = _questions("train", plan["n_train_prompts"])
+    n_pool = max(plan["rate_ns"])
+    with Stage(work, "rate pairs (pool extended)", n_pool) as bar:
+        pool = build_pool(world, train, n_pool, work / "pool.jsonl", cfg.seed, progress=bar)
+    rows = labels(pool, cfg, salt=1)
+    paths = {}
+    for n in sorted(plan["rate_ns"]):
+        paths[n] = work / "data" / f"rate-pairs-{n}.jsonl"
+        write_jsonl(paths[n], pair_records(world, rows[:n]))
+    return paths, label_statistics(rows, cfg.gamma)
 
 
 def _sampler_gap(world: RealLMWorld, questions: list[str], seed: int, work: Path) -> dict:
@@ -254,18 +267,18 @@ def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method:
 
 
 def run_rate(world, ctx: RunContext, shared: EvalSet, heldout: list[dict], plan: dict, cfg: RealLMConfig,
-             work: Path) -> dict:
-    """PMLE and DPO at each n, trained until the empirical objective stops improving (`RATE_TOLERANCE`);
-    per epoch: the objective, the held-out objective and exact KL(pi*||pi)."""
+             work: Path, pair_files: dict) -> dict:
+    """PMLE and DPO at each n (smallest first, both methods per n), trained until the empirical objective
+    stops improving (`RATE_TOLERANCE`); per epoch: the objective, the held-out objective and exact KL(pi*||pi)."""
     results = {m: {} for m in RATE}
+    probes = {method: rate_probe(world, shared, heldout, method, cfg.gamma) for method in RATE}
     with Stage(work, "rate (pmle, dpo to convergence)", len(RATE) * len(plan["rate_ns"])) as bar:
-        for method, (settings, lr) in RATE.items():
-            probe = rate_probe(world, shared, heldout, method, cfg.gamma)
-            for n in plan["rate_ns"]:
-                pairs = Path(ctx.files["pairs"]).with_name(f"pairs-{n}.jsonl")
-                _, record = train_to_convergence(method, settings(cfg.gamma), ctx, pairs, n,
+        for n in sorted(plan["rate_ns"]):
+            for method, (settings, lr) in RATE.items():
+                bar.set_postfix_str(f"{method} n={n}")
+                _, record = train_to_convergence(method, settings(cfg.gamma), ctx, pair_files[n], n,
                                                  work / "rate" / f"{method}-n{n}", lr, plan["rate_max_epochs"],
-                                                 RATE_TOLERANCE, probe)
+                                                 RATE_TOLERANCE, probes[method])
                 release_memory()
                 final = record["history"][-1]
                 best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
@@ -337,8 +350,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
                             on_row=lambda done: write_outputs(out, results({}) | {"rows": {**rows, **done}})))
     rate = {}
     if cfg.rate:
+        pair_files, data_summary["labels_rate_pool"] = rate_pairs(world, cfg, plan, work)
         heldout = heldout_pairs(world, cfg, plan, work)
-        rate = run_rate(world, ctx, shared, heldout, plan, cfg, work)
+        rate = run_rate(world, ctx, shared, heldout, plan, cfg, work, pair_files)
     final = results(rate)
     write_outputs(out, final)
     return final
