@@ -169,19 +169,47 @@ def heldout_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path)
 
 
 def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) -> dict:
-    """Evaluate a policy folder (its LoRA adapter merged) or pi0 (None), caching the row in `path`."""
+    """Evaluate a policy folder (its LoRA adapter merged) or pi0 (None), caching the row in `path`; a cached
+    row counts only for the same saved model (a retrained row is evaluated again)."""
+    stamp = _model_stamp(model_dir)
     if path.is_file():
-        return json.loads(path.read_text())
+        row = json.loads(path.read_text())
+        if row.get("model_stamp") == stamp:
+            return row
     start = time.perf_counter()
     policy = None
     if model_dir is not None:
         policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
-    row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start}
+    row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start,
+           "model_stamp": stamp}
     del policy
     release_memory()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return row
+
+
+def validation_kl(world, validation: EvalSet, path: Path, model_dir: str) -> float:
+    """KL(pi*||pi) of a policy folder on the validation prompts' pi* samples (one scoring forward; the
+    selection needs nothing else), cached in `path` for the same saved model."""
+    stamp = _model_stamp(model_dir)
+    if path.is_file() and json.loads(path.read_text()).get("model_stamp") == stamp:
+        return json.loads(path.read_text())["kl_target_to_policy"]
+    policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
+    kl = mc_kl(validation.target_star, world.logps(validation.questions, validation.target, "reference", model=policy))
+    del policy
+    release_memory()
+    path.write_text(json.dumps({"kl_target_to_policy": kl[0], "kl_target_to_policy_stderr": kl[1],
+                                "model_stamp": stamp}))
+    return kl[0]
+
+
+def _model_stamp(model_dir: str | None) -> str | None:
+    """Which saved model a cached evaluation belongs to: its folder and its weights file's mtime."""
+    if model_dir is None:
+        return None
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return f"{model_dir}@{max(f.stat().st_mtime_ns for f in files)}" if files else model_dir
 
 
 def timed_training(spec, ctx: RunContext, lr: float, run_dir: Path) -> tuple[Path, float]:
@@ -206,9 +234,8 @@ def choose_learning_rate(world, spec, ctx: RunContext, validation: EvalSet, cfg:
         for lr in spec.lr_grid:
             run_dir = work / "select" / f"{slug(spec.name)}-lr{lr:g}"
             runs[lr] = timed_training(spec, ctx, lr, run_dir)
-            row = evaluate_row(world, validation, work / "select" / f"{slug(spec.name)}-lr{lr:g}.json",
-                               cfg.seed + 600, str(runs[lr][0]))
-            scores[lr] = row["kl_target_to_policy"]
+            scores[lr] = validation_kl(world, validation, work / "select" / f"{slug(spec.name)}-lr{lr:g}.json",
+                                       str(runs[lr][0]))
         best = min(scores, key=scores.get)
         selected[spec.name] = {"learning_rate": best, "validation_kl": {f"{lr:g}": v for lr, v in scores.items()},
                                "folder": str(runs[best][0]), "train_seconds": runs[best][1],

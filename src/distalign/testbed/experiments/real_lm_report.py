@@ -138,6 +138,17 @@ def _samples(rows: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _reading_win_rate(rows: dict) -> str:
+    """Why win-rate and KL(pi*||pi) can disagree here, with the pi* row's own number."""
+    star = rows.get("pi* (target)", {}).get("win_rate")
+    own = f" (pi* itself: {star:.3f})" if star is not None else ""
+    return ("Reading the win-rate: the judge P*(a > b) = sigmoid(gamma (log pi*(a) - log pi*(b))) prefers the "
+            "pi*-likelier response, so it is maximised by pi*'s mode, not by pi*" + own + "; a policy sharper than "
+            "pi* (the RLHF optimum pi0 pi*^(gamma / kl_coef)) can win more while being farther from pi* in "
+            "KL(pi*||pi). Win-rate is the paper's yardstick; KL(pi*||pi) is the one the distribution-learning view "
+            "says these methods estimate.")
+
+
 def write_outputs(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, world, data = results["rows"], results["world"], results["data"]
@@ -172,6 +183,7 @@ def write_outputs(out: Path, results: dict) -> None:
            "as recorded per row (no selection in this run)."),
         "## Results\n\n" + table, "![win-rate vs KL](winrate_vs_kl.png) ![KL to target](kl_target_per_method.png)",
         "## Table 2's pairs, as measured here\n\n" + "\n".join(comparison_lines(rows) or ["(pairs not run)"]),
+        _reading_win_rate(rows),
         "Paper (GPT-4 win-rate vs human references, Pythia 1.4B / 2.8B): " + "; ".join(
             f"{k} {a:.1f}% / {b:.1f}%" for k, (a, b) in PAPER.items()),
         "## Rate at this scale\n\n" + rate,
