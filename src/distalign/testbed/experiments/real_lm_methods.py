@@ -45,7 +45,7 @@ class MethodSpec:
 def _online(name: str, method: str, family: str, settings: tuple[str, ...], reward: str, pair: str,
             k: int = 2) -> MethodSpec:
     return MethodSpec(f"{name} ({'oracle' if reward == 'oracle' else 'RM'})", method, family, "prompts", settings,
-                      reward, k, (1e-4, 3e-4), pair)
+                      reward, k, (3e-4, 1e-4), pair)
 
 
 # Run and table order: the reference row, then Table 2's three pairs with the learned reward model (the
