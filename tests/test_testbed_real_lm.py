@@ -163,7 +163,7 @@ def test_quick_run_table_shape_and_the_two_reference_methods_approach_pi_star(sm
     and SFT on pi* samples and oracle-reward reverse KL (target setting) end closer to pi* than pi0."""
     out = tmp_path / "real-lm"
     proc = subprocess.run([sys.executable, "-m", "distalign", "testbed", "real-lm", "--quick", "--out", str(out),
-                           f"model={smollm2_dir}"], capture_output=True, text=True, timeout=900)
+                           f"model={smollm2_dir}"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
