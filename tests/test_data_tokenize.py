@@ -219,7 +219,8 @@ def test_exact_completion_ids_are_truncated_and_counted_like_text(tokenizer):
     rows = [example(prompt="hello", completion="the cat sat", completion_ids=ids("the cat sat on a mat"))]
     records, report = tokenize_examples(rows, "demonstrations", tokenizer,
                                         max_prompt_length=4, max_length=6)
-    assert records[0].completion_ids == ids("the cat sat on") and report.truncated == {"completion": 1}
+    budget = 6 - len(records[0].prompt_ids)                       # what max_length leaves after the prompt
+    assert records[0].completion_ids == ids("the cat sat on a mat")[:budget] and report.truncated == {"completion": 1}
 
 
 @pytest.mark.parametrize("value, message", [
