@@ -70,6 +70,9 @@ def test_every_example_config_validates():
         elif stem == "mixed_feedback":
             from distalign.config.testbed import MixedFeedbackConfig
             cfg = load_config(MixedFeedbackConfig, path)
+        elif stem == "real_lm":
+            from distalign.config.testbed import RealLMConfig
+            cfg = load_config(RealLMConfig, path)
         elif stem in ONLINE_PAIRWISE_METHODS:
             cfg = load_config(OnlinePairwiseConfig, path)
         elif stem in IRL_METHODS:
