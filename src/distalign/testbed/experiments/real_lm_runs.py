@@ -26,6 +26,7 @@ from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import evaluating, save_model
+from distalign.training.checkpoint import latest_checkpoint
 from distalign.training.offline import OfflineTrainer, train_offline
 from distalign.training.online import train_online
 from distalign.training.online_pairwise import train_online_pairwise
@@ -105,9 +106,15 @@ class RunContext:
 def _schedule(steps: int, learning_rate: float, out: Path, ctx: RunContext) -> list[str]:
     return [f"train.output_dir={out}", f"train.max_steps={steps}", f"train.seed={ctx.seed}",
             f"train.log_every={max(1, steps // 20)}", f"train.save_every={max(1, steps // 4)}",
-            "train.keep_checkpoints=1", "train.resume=true", f"train.progress_bar={str(ctx.progress_bar).lower()}",
+            "train.keep_checkpoints=1", _continue(out), f"train.progress_bar={str(ctx.progress_bar).lower()}",
             *_precision(), f"optim.learning_rate={learning_rate}", f"optim.warmup_steps={max(1, steps // 10)}",
             "optim.schedule=linear"]
+
+
+def _continue(out: Path) -> str:
+    """Resume the row's last checkpoint if it has one, else start it afresh (a run stopped before its
+    first checkpoint leaves a folder that a plain run would refuse as not empty)."""
+    return "train.resume=true" if latest_checkpoint(out) is not None else "train.overwrite=true"
 
 
 def _precision() -> list[str]:
