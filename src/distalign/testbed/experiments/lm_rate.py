@@ -46,8 +46,8 @@ never on the reported seed (the CLI default 0), and are recorded in results.json
   budget on 2 cores, judged from wall times on the shared machine (16 seeds x 7 n, the first
   validation grid, took over 40 minutes there for 5 of its n). A fit costs the same at every n (full
   batch over the same 48 sequences). The reported run took 52 min of wall time at a load average of
-  9-12 but 1168 s of CPU time (2 workers, one thread each), i.e. about 10 minutes on 2 idle cores, so
-  16 seeds would also fit the budget there. Per-data-set KL has sd/mean 0.3-0.5 on the validation
+  9-12 but 1168 s of CPU time (2 workers, one thread each); on 2 quiet cores it took 465 s, so 16
+  seeds would also fit the budget there. Per-data-set KL has sd/mean 0.3-0.5 on the validation
   seed, so 8 seeds give about 14% standard error per n;
 - REL_TOL = 0.01: the gap left at 1% of the excess loss changed KL by < 1% against the exact
   minimiser (KL(minimiser||pi_hat) is reported per run); the Adam fallback was added after a
