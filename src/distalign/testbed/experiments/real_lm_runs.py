@@ -118,10 +118,9 @@ def _continue(out: Path) -> str:
 
 
 def _precision() -> list[str]:
-    """train.mixed_precision from the world's one precision switch ("no" is left to the default: YAML
-    would read the bare word as a boolean)."""
-    mode = PRECISION.train_mixed_precision
-    return [] if mode == "no" else [f"train.mixed_precision={mode}"]
+    """train.mixed_precision from the world's one precision switch (the config loader reads YAML's
+    boolean `no` as "no")."""
+    return [f"train.mixed_precision={PRECISION.train_mixed_precision}"]
 
 
 def _rewards(spec: MethodSpec, ctx: RunContext) -> list[str]:
