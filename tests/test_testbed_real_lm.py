@@ -192,7 +192,7 @@ def test_quick_run_has_every_row_and_the_table2_report(smollm2_dir, tmp_path):
 def test_config_sizes_and_label_switches_change_the_run():
     """RealLMConfig's field contract, for the fields checkable without a model: every size changes the
     plan, `quick` swaps the plan, the label fields (and the seed) change the labels, `methods` the rows.
-    (model, cache_dir, system_prompt, select and rate are read by `run` itself.)"""
+    (model, cache_dir, system_prompt, select and rate: `test_run_level_fields_change_the_run`.)"""
     from distalign.config.testbed import REAL_LM_PLAN_KEYS
     from distalign.testbed.experiments.real_lm import _plan, labels
     default = load_config(RealLMConfig, None, [])
@@ -211,3 +211,68 @@ def test_config_sizes_and_label_switches_change_the_run():
         assert changed != base, override
     with pytest.raises(ValueError, match="method"):
         load_config(RealLMConfig, None, ["method=dpo"])
+
+
+def test_run_level_fields_change_the_run(tmp_path, monkeypatch):
+    """The fields `run` reads itself, with the model and every stage replaced by recorders: `model` is the
+    folder loaded (else the package model converted into `cache_dir`, else into <out>/cache),
+    `system_prompt` is pi*'s S (else FRENCH), `select` trains each row's grid and keeps the lowest
+    validation KL, `rate` runs the rate stage."""
+    from distalign.testbed.experiments import real_lm as experiment
+
+    seen = {}
+
+    class World:
+        model = None
+
+        @classmethod
+        def load(cls, model_dir, **settings):
+            seen["model"], seen["system"] = str(model_dir), settings["system_prompt"]
+            return cls()
+
+        def describe(self):
+            return {}
+
+        def prompt_ids(self, questions, which):
+            return [[1, 2]]
+
+    class Shared:
+        rm = None
+
+    def fake_train(spec, ctx, lr, run_dir):
+        seen.setdefault("trained", []).append((spec.name, lr, run_dir.parent.name))
+        return run_dir / "final", 1.0
+
+    monkeypatch.setattr(experiment, "RealLMWorld", World)
+    monkeypatch.setattr(experiment, "smollm2_folder", lambda cache: seen.update(cache=str(cache)) or "/converted")
+    monkeypatch.setattr(experiment, "share_world", lambda world: None)
+    monkeypatch.setattr(experiment, "calibration_seconds", lambda model: 1.0)
+    monkeypatch.setattr(experiment, "prepare_data", lambda world, cfg, plan, work: ({}, {}))
+    monkeypatch.setattr(experiment.EvalSet, "cached", classmethod(lambda cls, *a: Shared()))
+    monkeypatch.setattr(experiment, "reference_rows", lambda *a: {})
+    monkeypatch.setattr(experiment, "timed_training", fake_train)
+    monkeypatch.setattr(experiment, "validation_kl", lambda world, v, path, folder: -float(folder.split("lr")[1][:6]))
+    monkeypatch.setattr(experiment, "evaluate_row", lambda *a: {})
+    monkeypatch.setattr(experiment, "rate_pairs", lambda *a: seen.update(rate=True) or ({}, {}))
+    monkeypatch.setattr(experiment, "heldout_pairs", lambda *a: [])
+    monkeypatch.setattr(experiment, "run_rate", lambda *a: {})
+    import distalign.testbed.experiments.real_lm_report as report
+    monkeypatch.setattr(report, "write_outputs", lambda out, results: None)
+
+    def run(*overrides):
+        seen.clear()
+        experiment.run(tmp_path / "out", config=load_config(RealLMConfig, None, ["methods=[dpo]", *overrides]))
+        return dict(seen)
+
+    default = run("rate=false")
+    assert default["cache"] == str(tmp_path / "out" / "cache") and default["model"] == "/converted"
+    assert default["system"] == experiment.FRENCH and "rate" not in default
+    assert default["trained"] == [("dpo", 2e-4, "runs")]                  # select=false: the grid's first, once
+    assert run("rate=false", "cache_dir=/elsewhere")["cache"] == "/elsewhere"
+    chosen = run("rate=false", "model=/my/model", "system_prompt=Answer like a pirate.")
+    assert (chosen["model"], chosen["system"]) == ("/my/model", "Answer like a pirate.") and "cache" not in chosen
+    assert run("rate=true")["rate"] is True
+    selecting = run("rate=false", "select=true")
+    assert selecting["trained"] == [("dpo", 2e-4, "select"), ("dpo", 5e-4, "select")]
+    selected = json.loads((tmp_path / "out" / "work" / "selected.json").read_text())["dpo"]
+    assert selected["learning_rate"] == 5e-4                             # the fake validation KL is -lr
