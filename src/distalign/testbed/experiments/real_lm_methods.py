@@ -5,7 +5,7 @@ training prompts, and spends the same budget: n preference pairs (2n pi0 respons
 draws x 2 fresh samples for the online methods (k = 4 with n/2 draws for GRPO), or n pi* samples
 for SFT. The objective's own coefficients are fixed before any run (seed 001 Table 5 where it has
 them, the world's gamma where a method must match it); only the learning rate is chosen, on the
-validation split (`real_lm.select_learning_rates`). Where each method's population optimum lies,
+validation split (`real_lm.choose_learning_rate`). Where each method's population optimum lies,
 with the oracle reward R = gamma log pi* (learned-RM rows estimate the same R up to a per-prompt constant):
 - sft:                     pi*                          (maximum likelihood on pi* samples)
 - dpo  (beta = gamma):     pi0 * pi*   (normalised)     (seed 001 Eq. 6: the reference stays in the optimum)
