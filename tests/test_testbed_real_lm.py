@@ -248,7 +248,7 @@ def test_run_level_fields_change_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "share_world", lambda world: None)
     monkeypatch.setattr(experiment, "calibration_seconds", lambda model: 1.0)
     monkeypatch.setattr(experiment, "prepare_data", lambda world, cfg, plan, work: ({}, {}))
-    monkeypatch.setattr(experiment.EvalSet, "cached", classmethod(lambda cls, *a: Shared()))
+    monkeypatch.setattr(experiment.EvalSet, "cached", classmethod(lambda cls, *a, **k: Shared()))
     monkeypatch.setattr(experiment, "reference_rows", lambda *a: {})
     monkeypatch.setattr(experiment, "timed_training", fake_train)
     monkeypatch.setattr(experiment, "validation_kl", lambda world, v, path, folder: -float(folder.split("lr")[1][:6]))

@@ -343,10 +343,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
     share_world(world)          # the oracle reward scores with this model, not a second copy
     calibration = calibration_seconds(world.model)
     files, data_summary = prepare_data(world, cfg, plan, work)
-    with Stage(work, "evaluation samples (pi*, pi0 on test prompts)") as bar:
+    with Stage(work, "evaluation samples (pi*, pi0 on test prompts)", 3) as bar:
         shared = EvalSet.cached(work / "eval_set.json", world, _questions("test", plan["n_eval_prompts"]),
-                                plan["eval_per_prompt"], cfg.seed + 7)
-        bar.update(1)
+                                plan["eval_per_prompt"], cfg.seed + 7, progress=bar)
     ctx = RunContext(model_dir, files, plan["n_pairs"], plan["max_new_tokens"], plan["batch_size"], plan["epochs"],
                      cfg.seed, {"model_dir": model_dir, "system_prompt": system,
                                 "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma},

@@ -1,6 +1,6 @@
 """Metrics of one policy in the real-model world, on held-out prompts, each with its standard error.
 
-    shared = EvalSet.build(world, test_questions, n_target=278, seed=0, rm=rm_model)   # once per run
+    shared = EvalSet.build(world, test_questions, per_prompt=2, seed=0, rm=rm_folder)   # once per run
     row = evaluate_policy(world, shared, policy, seed=1)                              # per method
 
 - exact KL(pi*||pi): Monte Carlo over y ~ pi* (the shared target samples), log pi*(y) - log pi(y), both
@@ -62,22 +62,32 @@ class EvalSet:
         yield None if self.rm is None else load_reward_model(self.rm).eval().requires_grad_(False)
 
     @classmethod
-    def build(cls, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int, rm=None) -> EvalSet:
+    def build(cls, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int, rm=None,
+              progress=None) -> EvalSet:
+        """pi*'s samples, pi0's samples, pi*'s log-probs of pi0's: `progress` (a bar of 3) after each."""
+        step = progress.update if progress is not None else lambda n: None
         rows = [q for q in questions for _ in range(per_prompt)]
         target, target_star = world.sample_scored(rows, "target", seed)
+        step(1)
         baseline = world.sample(rows, "reference", seed + 1)
-        return cls(rows, target, target_star, baseline, world.logps(rows, baseline, "target"), rm)
+        step(1)
+        baseline_star = world.logps(rows, baseline, "target")
+        step(1)
+        return cls(rows, target, target_star, baseline, baseline_star, rm)
 
     @classmethod
-    def cached(cls, path: Path, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int) -> EvalSet:
+    def cached(cls, path: Path, world: RealLMWorld, questions: list[str], per_prompt: int, seed: int,
+               progress=None) -> EvalSet:
         """`build` once; later calls (a resumed run) read the samples and log-probs back from `path`."""
         path = Path(path)
         if path.is_file():
             data = json.loads(path.read_text())
             if data["questions"] == [q for q in questions for _ in range(per_prompt)] and data["seed"] == seed:
+                if progress is not None:
+                    progress.update(3)
                 return cls(data["questions"], data["target"], torch.tensor(data["target_star"], dtype=torch.float64),
                            data["baseline"], torch.tensor(data["baseline_star"], dtype=torch.float64))
-        built = cls.build(world, questions, per_prompt, seed)
+        built = cls.build(world, questions, per_prompt, seed, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"questions": built.questions, "seed": seed, "target": built.target,
                                     "target_star": built.target_star.tolist(), "baseline": built.baseline,
