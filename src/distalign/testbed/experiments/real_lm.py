@@ -19,6 +19,7 @@ evaluation samples -> reward model -> [learning-rate selection] -> methods -> ra
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -105,7 +106,11 @@ class Stage:
 
 
 def _update_json(path: Path, change) -> None:
-    path.write_text(json.dumps(change(json.loads(path.read_text()) if path.is_file() else {}), indent=1))
+    """Read, change and replace a small JSON record in one step (atomic replace: a second process running
+    other rows on the same <out> never reads half a file; a lost update needs both to write within ms)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(change(json.loads(path.read_text()) if path.is_file() else {}), indent=1))
+    os.replace(tmp, path)
 
 
 def labels(pool: list[dict], cfg: RealLMConfig, salt: int) -> list[dict]:
@@ -237,10 +242,11 @@ def choose_learning_rate(world, spec, ctx: RunContext, validation: EvalSet, cfg:
             scores[lr] = validation_kl(world, validation, work / "select" / f"{slug(spec.name)}-lr{lr:g}.json",
                                        str(runs[lr][0]))
         best = min(scores, key=scores.get)
-        selected[spec.name] = {"learning_rate": best, "validation_kl": {f"{lr:g}": v for lr, v in scores.items()},
-                               "folder": str(runs[best][0]), "train_seconds": runs[best][1],
-                               "grid_train_seconds": sum(t for _, t in runs.values())}
-        path.write_text(json.dumps(selected, indent=1))
+        choice = {"learning_rate": best, "validation_kl": {f"{lr:g}": v for lr, v in scores.items()},
+                  "folder": str(runs[best][0]), "train_seconds": runs[best][1],
+                  "grid_train_seconds": sum(t for _, t in runs.values())}
+        _update_json(path, lambda chosen: {**chosen, spec.name: choice})   # read again: rows may run in parallel
+        return choice
     return selected[spec.name]
 
 
