@@ -276,3 +276,20 @@ def test_run_level_fields_change_the_run(tmp_path, monkeypatch):
     assert selecting["trained"] == [("dpo", 2e-4, "select"), ("dpo", 5e-4, "select")]
     selected = json.loads((tmp_path / "out" / "work" / "selected.json").read_text())["dpo"]
     assert selected["learning_rate"] == 5e-4                             # the fake validation KL is -lr
+
+
+def test_kl_comparisons_are_paired_on_the_same_target_samples():
+    """Rows are scored on the same pi* samples, so KL(pi*||pi_a) - KL(pi*||pi_b) = mean(log pi_b - log pi_a)
+    has its own, much smaller error: here per-sample differences -0.6, -0.4, -0.6, -0.4 -> -0.5 ±
+    sqrt(0.04 / 3) / 2 = 0.0577, where the rows' own errors (1.0 each) would give 1.41 and no verdict."""
+    from distalign.testbed.experiments.real_lm_eval import TARGET_LOGPS
+    from distalign.testbed.experiments.real_lm_report import compare, movement_lines
+    rows = {"pi0 (start)": {"kl_target_to_policy": 10.0, "kl_target_to_policy_stderr": 1.0,
+                            TARGET_LOGPS: [-10.0, -12.0, -14.0, -16.0]},
+            "a": {"kl_target_to_policy": 9.5, "kl_target_to_policy_stderr": 1.0, TARGET_LOGPS: [-9.4, -11.6, -13.4, -15.6]}}
+    c = compare(rows, "a", "pi0 (start)", "kl_target_to_policy", False)
+    assert c["paired"] and c["advantage"] == pytest.approx(0.5) and c["clear_win"]
+    assert c["stderr"] == pytest.approx(math.sqrt(0.04 / 3) / 2)
+    assert movement_lines(rows) == ["- a: -0.500 ± 0.058 nats (closer to pi*)"]
+    del rows["a"][TARGET_LOGPS]
+    assert compare(rows, "a", "pi0 (start)", "kl_target_to_policy", False)["stderr"] == pytest.approx(math.sqrt(2))

@@ -46,7 +46,14 @@ from ..real_lm_data import (
     write_pair_files,
 )
 from ..real_lm_prompts import load_prompts
-from .real_lm_eval import EvalSet, evaluate_policy, evaluate_target, reward_model_accuracy
+from .real_lm_eval import (
+    TARGET_LOGPS,
+    EvalSet,
+    evaluate_policy,
+    evaluate_target,
+    reward_model_accuracy,
+    target_sample_logps,
+)
 from .real_lm_methods import method_specs, slug, spec_by_name
 from .real_lm_runs import (
     RunContext,
@@ -177,16 +184,18 @@ def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) ->
     """Evaluate a policy folder (its LoRA adapter merged) or pi0 (None), caching the row in `path`; a cached
     row counts only for the same saved model (a retrained row is evaluated again)."""
     stamp = _model_stamp(model_dir)
-    if path.is_file():
-        row = json.loads(path.read_text())
-        if row.get("model_stamp") == stamp:
-            return row
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("model_stamp") == stamp and TARGET_LOGPS in cached:
+        return cached
     start = time.perf_counter()
     policy = None
     if model_dir is not None:
         policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
-    row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start,
-           "model_stamp": stamp}
+    if cached and cached.get("model_stamp") == stamp:      # cached before rows kept their per-sample log-probs
+        row = {**cached, TARGET_LOGPS: target_sample_logps(world, shared, policy)}
+    else:
+        row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start,
+               "model_stamp": stamp}
     del policy
     release_memory()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +341,7 @@ def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dic
         target_path = work / "evals" / "pi-star.json"
         if not target_path.is_file():
             target_path.write_text(json.dumps(evaluate_target(world, shared, cfg.seed + 91)))
-        rows["pi* (target)"] = json.loads(target_path.read_text())
+        rows["pi* (target)"] = {TARGET_LOGPS: shared.target_star.tolist(), **json.loads(target_path.read_text())}
         bar.update(1)
     return rows
 

@@ -31,6 +31,7 @@ FRENCH_WORDS = frozenset("le la les de est une un des du et pour dans qui que su
                          "vous pas plus par au aux à être très mais ou où donc leur".split())
 ENGLISH_WORDS = frozenset("the is a an of and to in for that it with are this on as be by you can which or".split())
 _WORD = re.compile(r"[a-zà-ÿ]+", re.IGNORECASE)
+TARGET_LOGPS = "logp_on_target_samples"     # per row: log pi(y_i) of the shared pi* samples, for paired differences
 
 
 def is_french(text: str) -> bool:
@@ -115,14 +116,32 @@ def evaluate_policy(world: RealLMWorld, shared: EvalSet, policy=None, seed: int 
     pi_on_target = world.logps(rows, shared.target, "reference", model=policy)
     zero_own = pi_own if policy is None else world.logps(rows, own, "reference")
     star_own = world.logps(rows, own, "target")
-    return _row(world, shared, own, mc_kl(shared.target_star, pi_on_target), pi_own, zero_own, star_own)
+    row = _row(world, shared, own, mc_kl(shared.target_star, pi_on_target), pi_own, zero_own, star_own)
+    return {**row, TARGET_LOGPS: pi_on_target.tolist()}
+
+
+def target_sample_logps(world: RealLMWorld, shared: EvalSet, policy=None) -> list[float]:
+    """log pi(y) of the shared pi* samples (one scoring forward): what `evaluate_policy` keeps per row, for a
+    row cached before it did."""
+    return world.logps(shared.questions, shared.target, "reference", model=policy).tolist()
+
+
+def paired_kl_difference(a: dict, b: dict) -> tuple[float, float] | None:
+    """KL(pi*||pi_a) - KL(pi*||pi_b) = E_{y ~ pi*}[log pi_b(y) - log pi_a(y)] on the same pi* samples, with
+    the standard error of that per-sample difference (the rows' own errors share most of their variance:
+    every row is scored on the same samples). None unless both rows hold their per-sample log-probs."""
+    la, lb = a.get(TARGET_LOGPS), b.get(TARGET_LOGPS)
+    if la is None or lb is None or len(la) != len(lb):
+        return None
+    return mean_stderr([y - x for x, y in zip(la, lb)])
 
 
 def evaluate_target(world: RealLMWorld, shared: EvalSet, seed: int) -> dict:
     """The same metrics for pi* itself (KL(pi*||pi*) = 0 by construction; its own fresh samples)."""
     rows = shared.questions
     own, star_own = world.sample_scored(rows, "target", seed)
-    return _row(world, shared, own, (0.0, 0.0), star_own, world.logps(rows, own, "reference"), star_own)
+    row = _row(world, shared, own, (0.0, 0.0), star_own, world.logps(rows, own, "reference"), star_own)
+    return {**row, TARGET_LOGPS: shared.target_star.tolist()}
 
 
 def _row(world, shared: EvalSet, own, kl_target: tuple, pi_own: Tensor, zero_own: Tensor, star_own: Tensor) -> dict:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..plotting import loglog_slope, markdown_table, write_results
+from .real_lm_eval import paired_kl_difference
 
 COLUMNS = [("KL(pi*||pi)", "kl_target_to_policy"), ("KL(pi||pi0)", "kl_policy_to_ref"),
            ("KL(pi||pi*)", "kl_policy_to_target"), ("win-rate vs pi0", "win_rate"), ("RM score", "rm_score"),
@@ -64,8 +65,11 @@ def compare(rows: dict, ours: str, theirs: str, key: str, higher_is_better: bool
     a, b = rows[ours], rows[theirs]
     diff = (a[key] - b[key]) * (1 if higher_is_better else -1)
     err = math.hypot(a.get(f"{key}_stderr", 0.0) or 0.0, b.get(f"{key}_stderr", 0.0) or 0.0)
+    paired = paired_kl_difference(a, b) if key == "kl_target_to_policy" else None
+    if paired is not None:      # both scored on the same pi* samples: the difference's own error
+        err = paired[1]
     return {"ours": a[key], "theirs": b[key], "advantage": diff, "stderr": err, "supported": diff > -2 * err,
-            "clear_win": diff > 2 * err}
+            "clear_win": diff > 2 * err, "paired": paired is not None}
 
 
 def comparisons(rows: dict) -> list[dict]:
@@ -84,7 +88,20 @@ def _verdict(c: dict | None, what: str) -> str:
     if c is None:
         return f"{what}: not measured"
     word = "beats" if c["clear_win"] else "matches" if c["supported"] else "loses to"
-    return f"{what} {c['ours']:.3f} vs {c['theirs']:.3f} (advantage {c['advantage']:+.3f} ± {c['stderr']:.3f}): {word}"
+    paired = ", paired on the same pi* samples" if c.get("paired") else ""
+    return (f"{what} {c['ours']:.3f} vs {c['theirs']:.3f} (advantage {c['advantage']:+.3f} ± {c['stderr']:.3f}"
+            f"{paired}): {word}")
+
+
+def movement_lines(rows: dict) -> list[str]:
+    """Each row's KL(pi*||pi) minus pi0's, with the paired error: did the method move toward pi* at all?"""
+    start, lines = rows.get("pi0 (start)"), []
+    for name, row in rows.items():
+        moved = paired_kl_difference(row, start) if start is not None and name != "pi0 (start)" else None
+        if moved is not None:
+            word = "closer to pi*" if moved[0] < -2 * moved[1] else "farther" if moved[0] > 2 * moved[1] else "no change"
+            lines.append(f"- {name}: {moved[0]:+.3f} ± {moved[1]:.3f} nats ({word})")
+    return lines
 
 
 def comparison_lines(rows: dict) -> list[str]:
@@ -183,6 +200,8 @@ def write_outputs(out: Path, results: dict) -> None:
            "as recorded per row (no selection in this run)."),
         "## Results\n\n" + table, "![win-rate vs KL](winrate_vs_kl.png) ![KL to target](kl_target_per_method.png)",
         "## Table 2's pairs, as measured here\n\n" + "\n".join(comparison_lines(rows) or ["(pairs not run)"]),
+        "KL(pi*||pi) minus pi0's, per row (paired on the same pi* samples, ± its standard error):\n\n"
+        + "\n".join(movement_lines(rows) or ["(no row keeps its per-sample log-probs)"]),
         _reading_win_rate(rows),
         "Paper (GPT-4 win-rate vs human references, Pythia 1.4B / 2.8B): " + "; ".join(
             f"{k} {a:.1f}% / {b:.1f}%" for k, (a, b) in PAPER.items()),
