@@ -68,8 +68,8 @@ from .real_lm_runs import (
 QUICK = {"n_pairs": 16, "rate_ns": [8, 16], "max_new_tokens": 8, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
          "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 2,
          "n_heldout_pairs": 8}
-# The full plan, sized for the issue's ~90 min on two quiet cores at fp32 (README: per-stage times): 128
-# pairs per method, L = 16, 256 evaluation samples (128 test prompts x 2); the rate at n = 128, 512, 1024.
+# The full plan: 128 pairs per method, L = 16, 256 evaluation samples (128 test prompts x 2); the rate at
+# n = 128, 512, 1024. With `select` the 16 rows took 97 min on two quiet cores (README: per-stage times).
 FULL = {"n_pairs": 128, "rate_ns": [128, 512, 1024], "max_new_tokens": 16, "batch_size": 16, "epochs": 2.0,
         "rm_epochs": 2.0, "eval_per_prompt": 2, "n_train_prompts": None, "n_eval_prompts": 128,
         "rate_max_epochs": 4, "n_heldout_pairs": 64}
