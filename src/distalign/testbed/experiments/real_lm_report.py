@@ -5,7 +5,7 @@ pair is that the distribution-learning method matches or beats its counterpart i
 claim counts as "supported" when the difference is above -2 standard errors of the difference (it
 matches or beats), "not supported" when it is below (the counterpart wins clearly). The same rule is
 applied to exact KL(pi*||pi), the quantity the framework says these methods estimate, which the paper
-could not measure.
+could not measure; there the error is of the paired difference (both rows scored on the same pi* samples).
 """
 from __future__ import annotations
 
