@@ -293,3 +293,21 @@ def test_kl_comparisons_are_paired_on_the_same_target_samples():
     assert movement_lines(rows) == ["- a: -0.500 ± 0.058 nats (closer to pi*)"]
     del rows["a"][TARGET_LOGPS]
     assert compare(rows, "a", "pi0 (start)", "kl_target_to_policy", False)["stderr"] == pytest.approx(math.sqrt(2))
+
+
+def test_committed_full_run_backs_the_readme():
+    """docs/testbed/real-lm/results.json is the full run the README reports: every row, learning rates
+    chosen on validation, seed 0, and the README's counts of Table 2 pairs (win-rate claim in 2 of 7, closer
+    to pi* in 7 of 7 by more than 10 paired standard errors) and each row's KL(pi*||pi) are its numbers."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    full = json.loads((root / "docs" / "testbed" / "real-lm" / "results.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert full["config"]["seed"] == 0 and not full["config"]["quick"] and full["selected"]
+    assert list(full["rows"]) == ["pi0 (start)", "pi* (target)"] + [s.name for s in method_specs(0.1)]
+    pairs = full["comparisons"]
+    assert len(pairs) == 7 and sum(c["win_rate"]["supported"] for c in pairs) == 2
+    assert all(c["kl_target"]["paired"] and c["kl_target"]["advantage"] > 10 * c["kl_target"]["stderr"] for c in pairs)
+    assert "the claim holds in 2 of 7 pairs" in readme and "closer in all 7 pairs" in readme
+    for name, row in full["rows"].items():
+        assert f"{row['kl_target_to_policy']:.2f}" in readme, name
