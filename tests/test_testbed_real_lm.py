@@ -177,7 +177,7 @@ def test_quick_run_the_two_reference_methods_approach_pi_star(smollm2_dir, tmp_p
     assert all(rows[name]["kl_target_to_policy"] < start for name in REFERENCE_ROWS), rows
 
 
-@pytest.mark.slow  # ~14 min on 2 quiet cores; the test above runs the same path for two of its rows
+@pytest.mark.slow  # ~8 min on 2 quiet cores; the test above runs the same path for two of its rows
 @pytest.mark.real_model
 def test_quick_run_has_every_row_and_the_table2_report(smollm2_dir, tmp_path):
     """`testbed real-lm --quick` with every row: the table lists them all and the report compares Table 2's pairs."""
