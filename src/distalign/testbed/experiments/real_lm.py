@@ -192,7 +192,7 @@ def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) ->
     if model_dir is not None:
         policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
     if cached and cached.get("model_stamp") == stamp:      # cached before rows kept their per-sample log-probs
-        row = {**cached, TARGET_LOGPS: target_sample_logps(world, shared, policy)}
+        row = {**cached, TARGET_LOGPS: target_sample_logps(world, shared, policy).tolist()}
     else:
         row = {**evaluate_policy(world, shared, policy, seed), "eval_seconds": time.perf_counter() - start,
                "model_stamp": stamp}
@@ -210,7 +210,7 @@ def validation_kl(world, validation: EvalSet, path: Path, model_dir: str) -> flo
     if path.is_file() and json.loads(path.read_text()).get("model_stamp") == stamp:
         return json.loads(path.read_text())["kl_target_to_policy"]
     policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
-    kl = mc_kl(validation.target_star, world.logps(validation.questions, validation.target, "reference", model=policy))
+    kl = mc_kl(validation.target_star, target_sample_logps(world, validation, policy))
     del policy
     release_memory()
     path.write_text(json.dumps({"kl_target_to_policy": kl[0], "kl_target_to_policy_stderr": kl[1],
@@ -302,7 +302,7 @@ def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method:
     def probe(model) -> dict:
         a, b = world.pair_logps(questions, chosen, rejected, "reference", model=model)
         heldout_loss = objective(PairLogps(a, b, *lengths, *refs), **hparams).mean()
-        kl = mc_kl(shared.target_star, world.logps(shared.questions, shared.target, "reference", model=model))
+        kl = mc_kl(shared.target_star, target_sample_logps(world, shared, model))
         return {"heldout_objective": float(heldout_loss), "kl_target_to_policy": kl[0],
                 "kl_target_to_policy_stderr": kl[1]}
     return probe

@@ -113,17 +113,17 @@ def evaluate_policy(world: RealLMWorld, shared: EvalSet, policy=None, seed: int 
     `evaluate_target`."""
     rows = shared.questions
     own, pi_own = world.sample_scored(rows, "reference", seed, model=policy)
-    pi_on_target = world.logps(rows, shared.target, "reference", model=policy)
+    pi_on_target = target_sample_logps(world, shared, policy)
     zero_own = pi_own if policy is None else world.logps(rows, own, "reference")
     star_own = world.logps(rows, own, "target")
     row = _row(world, shared, own, mc_kl(shared.target_star, pi_on_target), pi_own, zero_own, star_own)
     return {**row, TARGET_LOGPS: pi_on_target.tolist()}
 
 
-def target_sample_logps(world: RealLMWorld, shared: EvalSet, policy=None) -> list[float]:
-    """log pi(y) of the shared pi* samples (one scoring forward): what `evaluate_policy` keeps per row, for a
-    row cached before it did."""
-    return world.logps(shared.questions, shared.target, "reference", model=policy).tolist()
+def target_sample_logps(world: RealLMWorld, shared: EvalSet, policy=None) -> Tensor:
+    """log pi(y) of the set's pi* samples (one scoring forward; policy None = pi0): KL(pi*||pi) is
+    `mc_kl(shared.target_star, this)`, and `evaluate_policy` keeps it per row for paired differences."""
+    return world.logps(shared.questions, shared.target, "reference", model=policy)
 
 
 def paired_kl_difference(a: dict, b: dict) -> tuple[float, float] | None:
