@@ -311,3 +311,28 @@ def test_committed_full_run_backs_the_readme():
     assert "the claim holds in 2 of 7 pairs" in readme and "closer in all 7 pairs" in readme
     for name, row in full["rows"].items():
         assert f"{row['kl_target_to_policy']:.2f}" in readme, name
+
+
+def test_reward_model_accuracy_is_cached_for_the_same_saved_model(tmp_path, monkeypatch):
+    """A resumed run reads the reward model's accuracy back; a retrained reward model is scored again."""
+    import os
+
+    from distalign.testbed.experiments import real_lm as experiment
+    calls = []
+    monkeypatch.setattr(experiment, "reward_model_accuracy",
+                        lambda world, shared: calls.append(1) or {"accuracy": 0.75, "stderr": 0.1, "n": 4})
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "adapter_model.safetensors").write_bytes(b"x")
+
+    class Shared:
+        pass
+    shared = Shared()
+    shared.rm = str(rm)
+    path = tmp_path / "reward_model_accuracy.json"
+    first = experiment.cached_rm_accuracy(None, shared, path)
+    assert experiment.cached_rm_accuracy(None, shared, path) == first == {"accuracy": 0.75, "stderr": 0.1, "n": 4}
+    assert len(calls) == 1
+    os.utime(rm / "adapter_model.safetensors", ns=(1, 1))
+    experiment.cached_rm_accuracy(None, shared, path)
+    assert len(calls) == 2

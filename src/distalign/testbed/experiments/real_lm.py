@@ -218,6 +218,17 @@ def validation_kl(world, validation: EvalSet, path: Path, model_dir: str) -> flo
     return kl[0]
 
 
+def cached_rm_accuracy(world, shared: EvalSet, path: Path) -> dict:
+    """`reward_model_accuracy`, cached in `path` for the same saved reward model (a resumed run does not
+    score the evaluation set with it again)."""
+    stamp = _model_stamp(shared.rm)
+    if path.is_file() and json.loads(path.read_text()).get("model_stamp") == stamp:
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "model_stamp"}
+    accuracy = reward_model_accuracy(world, shared)
+    path.write_text(json.dumps({**accuracy, "model_stamp": stamp}))
+    return accuracy
+
+
 def _model_stamp(model_dir: str | None) -> str | None:
     """Which saved model a cached evaluation belongs to: its folder and its weights file's mtime."""
     if model_dir is None:
@@ -374,7 +385,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig 
             bar.update(1)
         shared.rm = ctx.reward_model
     rows = reference_rows(world, shared, cfg, work)
-    rm_accuracy = reward_model_accuracy(world, shared) if shared.rm else None
+    rm_accuracy = cached_rm_accuracy(world, shared, work / "reward_model_accuracy.json") if shared.rm else None
 
     def results(rate: dict) -> dict:
         timings = json.loads((work / "timings.json").read_text())
