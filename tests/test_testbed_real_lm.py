@@ -253,9 +253,7 @@ def test_run_level_fields_change_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "timed_training", fake_train)
     monkeypatch.setattr(experiment, "validation_kl", lambda world, v, path, folder: -float(folder.split("lr")[1][:6]))
     monkeypatch.setattr(experiment, "evaluate_row", lambda *a: {})
-    monkeypatch.setattr(experiment, "rate_pairs", lambda *a: seen.update(rate=True) or ({}, {}))
-    monkeypatch.setattr(experiment, "heldout_pairs", lambda *a: [])
-    monkeypatch.setattr(experiment, "run_rate", lambda *a: {})
+    monkeypatch.setattr(experiment, "run_rate", lambda setup: seen.update(rate=True) or {})
     import distalign.testbed.experiments.real_lm_report as report
     monkeypatch.setattr(report, "write_outputs", lambda out, results: None)
 
@@ -336,3 +334,35 @@ def test_reward_model_accuracy_is_cached_for_the_same_saved_model(tmp_path, monk
     os.utime(rm / "adapter_model.safetensors", ns=(1, 1))
     experiment.cached_rm_accuracy(None, shared, path)
     assert len(calls) == 2
+
+
+def test_rate_training_resumes_at_its_last_finished_epoch(world_dir, tmp_path):
+    """`train_to_convergence` stopped during epoch 2 continues from epoch 1's checkpoint and history, and
+    ends where an uninterrupted run ends (same objective per epoch, same probe numbers)."""
+    from distalign.testbed.experiments.real_lm_runs import train_to_convergence
+    ctx = RunContext(str(world_dir / "tiny"), {}, 96, 8, 8, 1.0, 0, {}, progress_bar=False, prompt_tokens=16)
+    pairs = world_dir / "data" / "pairs.jsonl"
+    calls = []
+
+    def probe(model):
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return {"lora_sum": float(sum(p.detach().double().sum() for n, p in model.named_parameters() if "lora_" in n))}
+
+    def train(out):
+        return train_to_convergence("dpo", ("loss.beta=0.5",), ctx, pairs, 96, out, 1e-3, 3, -1.0, probe)[1]
+
+    stop_at = None
+    whole = train(tmp_path / "whole")
+    stop_at, calls = 3, []            # epoch 0, epoch 1, then the interruption after epoch 2's steps
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed")
+    stop_at, calls = None, []
+    resumed = train(tmp_path / "resumed")
+    assert len(calls) == 2                                  # epochs 2 and 3 only: 0 and 1 were read back
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3] and not resumed["converged"]
+    for a, b in zip(whole["history"], resumed["history"]):
+        assert a["objective"] == pytest.approx(b["objective"], abs=1e-6)
+        assert a["lora_sum"] == pytest.approx(b["lora_sum"], abs=1e-6)
+    assert not (tmp_path / "resumed" / "progress.json").exists()

@@ -79,8 +79,8 @@ def build_pool(world: RealLMWorld, questions: list[str], n: int, path: Path, see
     path = Path(path)
     rows = _read_jsonl(path)
     order = pass_order(questions, max(n, len(rows)), seed)
-    with open(path, "w", encoding="utf-8") as handle:          # without a torn last line, if any
-        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    if path.is_file() and len(path.read_text(encoding="utf-8").splitlines()) != len(rows):
+        write_jsonl(path, rows)                                 # without the torn last line
     if progress is not None:
         progress.update(min(len(rows), n))
     while len(rows) < n:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,19 +65,24 @@ from .real_lm_runs import (
     train_reward_model,
     train_to_convergence,
 )
+from .workers import run_tasks
 
 QUICK = {"n_pairs": 16, "rate_ns": [8, 16], "max_new_tokens": 8, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
          "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 2,
          "n_heldout_pairs": 8}
 # The full plan: 128 pairs per method, L = 16, 256 evaluation samples (128 test prompts x 2); the rate at
-# n = 128, 512, 1024. With `select` the 16 rows took 97 min on two quiet cores (README: per-stage times).
-FULL = {"n_pairs": 128, "rate_ns": [128, 512, 1024], "max_new_tokens": 16, "batch_size": 16, "epochs": 2.0,
+# n = 250, 1000, 4000 (issue 18). README: per-stage times.
+FULL = {"n_pairs": 128, "rate_ns": [250, 1000, 4000], "max_new_tokens": 16, "batch_size": 16, "epochs": 2.0,
         "rm_epochs": 2.0, "eval_per_prompt": 2, "n_train_prompts": None, "n_eval_prompts": 128,
         "rate_max_epochs": 4, "n_heldout_pairs": 64}
 RM_LEARNING_RATE = 3e-4
 QUIET_CALIBRATION = 1.89        # `calibration_seconds` on the quiet 2-core machine (PERFORMANCE.md)
 RATE = {"pmle": (lambda gamma: (f"loss.gamma={gamma}",), 5e-4), "dpo": (lambda gamma: (f"loss.beta={gamma}",), 5e-4)}
 RATE_TOLERANCE = 0.01           # stop when one epoch lowers the empirical objective by < 1 %
+# The stopping rule's empirical objective is the mean loss over (at most) this many of the n training pairs:
+# the same pairs each epoch, so the epoch-to-epoch change is paired; scoring all 4000 each epoch would cost
+# a third of the epoch's training.
+RATE_CHECK_PAIRS = 512
 # Learning rates chosen on the validation split (`select=true`); a method missing here takes its grid's first.
 CHOSEN_LEARNING_RATES: dict[str, float] = {}
 
@@ -95,17 +101,21 @@ class Stage:
     over resumed runs) and the process's memory after it to <work>/memory.json (resident MB now, and the
     process's peak so far), so a stage that holds memory it should have freed shows up."""
 
+    in_worker = False   # a worker process's stages are read-backs of what the main process made: no bar, no record
+
     def __init__(self, work: Path, name: str, total: int | None = None):
         self.work, self.name, self.total = work, name, total
 
     def __enter__(self):
         self.start = time.perf_counter()
         reset_peak_memory()
-        self.bar = tqdm(total=self.total, desc=f"real-lm: {self.name}", dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, desc=f"real-lm: {self.name}", dynamic_ncols=True, disable=self.in_worker)
         return self.bar
 
     def __exit__(self, *exc):
         self.bar.close()
+        if self.in_worker:
+            return
         _update_json(self.work / "timings.json",
                      lambda t: {**t, self.name: t.get(self.name, 0.0) + time.perf_counter() - self.start})
         release_memory()
@@ -151,7 +161,7 @@ def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) 
 
 def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict]:
     """The rate experiment's nested pair files (prefixes of one pool, the main comparison's pool extended):
-    {n: path} and the label statistics of the largest."""
+    {n: `rate_pair_path`} and the label statistics of the largest."""
     train = _questions("train", plan["n_train_prompts"])
     n_pool = max(plan["rate_ns"])
     with Stage(work, "rate pairs (pool extended)", n_pool) as bar:
@@ -159,9 +169,16 @@ def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) ->
     rows = labels(pool, cfg, salt=1)
     paths = {}
     for n in sorted(plan["rate_ns"]):
-        paths[n] = work / "data" / f"rate-pairs-{n}.jsonl"
+        paths[n] = rate_pair_path(work, n)
         write_jsonl(paths[n], pair_records(world, rows[:n]))
+        write_jsonl(rate_pair_path(work, n, check=True), pair_records(world, rows[:min(n, RATE_CHECK_PAIRS)]))
     return paths, label_statistics(rows, cfg.gamma)
+
+
+def rate_pair_path(work: Path, n: int, check: bool = False) -> Path:
+    """The first n pairs of the rate pool; `check`: the first min(n, RATE_CHECK_PAIRS) of them, on which
+    the stopping rule measures the empirical objective."""
+    return work / "data" / (f"rate-pairs-{n}-check.jsonl" if check else f"rate-pairs-{n}.jsonl")
 
 
 def _sampler_gap(world: RealLMWorld, questions: list[str], seed: int, work: Path) -> dict:
@@ -270,35 +287,116 @@ def choose_learning_rate(world, spec, ctx: RunContext, validation: EvalSet, cfg:
     return selected[spec.name]
 
 
-def run_methods(world, specs, ctx: RunContext, shared: EvalSet, cfg: RealLMConfig, plan: dict, work: Path,
-                on_row=None) -> dict:
-    """Train (choosing the learning rate on the validation split when `cfg.select`) and evaluate each row
-    in turn; a row already on disk (an earlier, interrupted run) is read back. `on_row(rows)` after each
-    row (the outputs are rewritten, so an interrupted run leaves a table of what finished)."""
-    rows = {}
-    validation = None
-    if cfg.select:
-        validation = EvalSet.cached(work / "validation_set.json", world,
-                                    _questions("validation", plan["n_eval_prompts"]), 1, cfg.seed + 500)
-    with Stage(work, "methods (train + evaluate)", len(specs)) as bar:
-        for i, spec in enumerate(specs):
-            bar.set_postfix_str(spec.name)
-            reset_peak_memory()
-            if validation is not None:
-                chosen = choose_learning_rate(world, spec, ctx, validation, cfg, work)
-                lr, folder, seconds = chosen["learning_rate"], Path(chosen["folder"]), chosen["train_seconds"]
-            else:
-                lr = CHOSEN_LEARNING_RATES.get(spec.name, spec.lr_grid[0])
-                folder, seconds = timed_training(spec, ctx, lr, work / "runs" / slug(spec.name))
-            row = evaluate_row(world, shared, work / "evals" / f"{slug(spec.name)}.json", cfg.seed + 100 + i, str(folder))
-            rows[spec.name] = {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
-                               "reward": spec.reward, "pair": spec.pair, "train_seconds": seconds,
-                               "lr_chosen_on": "validation" if validation is not None else "fixed",
-                               "memory_mb": memory_mb()}
+@dataclass
+class Setup:
+    """What every row and rate run of one experiment reads, made (or read back) by `prepare`."""
+    cfg: RealLMConfig
+    plan: dict
+    out: Path
+    world: RealLMWorld
+    shared: EvalSet
+    ctx: RunContext
+    specs: list
+    data_summary: dict
+    rows: dict              # the reference rows (pi0, pi*)
+    rm_accuracy: dict | None
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+
+def prepare(out: Path, cfg: RealLMConfig) -> Setup:
+    """Every stage before the rows: model, pool, data files, evaluation samples, reward model, reference
+    rows; each read back from <out>/work when an earlier run (or the main process) made it."""
+    plan, work = _plan(cfg), out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = cfg.model or str(smollm2_folder(cfg.cache_dir or out / "cache"))
+    system = cfg.system_prompt or FRENCH
+    world = RealLMWorld.load(model_dir, system_prompt=system, max_new_tokens=plan["max_new_tokens"], gamma=cfg.gamma)
+    share_world(world)          # the oracle reward scores with this model, not a second copy
+    files, data_summary = prepare_data(world, cfg, plan, work)
+    with Stage(work, "evaluation samples (pi*, pi0 on test prompts)", 3) as bar:
+        shared = EvalSet.cached(work / "eval_set.json", world, _questions("test", plan["n_eval_prompts"]),
+                                plan["eval_per_prompt"], cfg.seed + 7, progress=bar)
+    ctx = RunContext(model_dir, files, plan["n_pairs"], plan["max_new_tokens"], plan["batch_size"], plan["epochs"],
+                     cfg.seed, {"model_dir": model_dir, "system_prompt": system,
+                                "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma},
+                     progress_bar=not Stage.in_worker,
+                     prompt_tokens=max(map(len, world.prompt_ids(_questions("train", plan["n_train_prompts"]),
+                                                                 "reference"))))
+    specs = spec_by_name(method_specs(cfg.gamma), cfg.methods)
+    if any(s.uses_reward_model for s in specs):
+        with Stage(work, "reward model", 1) as bar:
+            ctx.reward_model = str(train_reward_model(ctx, RM_LEARNING_RATE, work / "runs" / "reward-model",
+                                                      plan["rm_epochs"]))
+            bar.update(1)
+        shared.rm = ctx.reward_model
+    rows = reference_rows(world, shared, cfg, work)
+    rm_accuracy = cached_rm_accuracy(world, shared, work / "reward_model_accuracy.json") if shared.rm else None
+    return Setup(cfg, plan, out, world, shared, ctx, specs, data_summary, rows, rm_accuracy)
+
+
+def _validation_set(setup: Setup) -> EvalSet | None:
+    if not setup.cfg.select:
+        return None
+    return EvalSet.cached(setup.work / "validation_set.json", setup.world,
+                          _questions("validation", setup.plan["n_eval_prompts"]), 1, setup.cfg.seed + 500)
+
+
+def run_row(setup: Setup, spec, validation: EvalSet | None) -> dict:
+    """Train one row (choosing its learning rate on the validation split when given one) and evaluate
+    it; everything cached, so calling it for a finished row only reads it back. The evaluation seed
+    comes from the row's place in the full table, so it does not depend on which rows run or where."""
+    work, cfg = setup.work, setup.cfg
+    reset_peak_memory()
+    if validation is not None:
+        chosen = choose_learning_rate(setup.world, spec, setup.ctx, validation, cfg, work)
+        lr, folder, seconds = chosen["learning_rate"], Path(chosen["folder"]), chosen["train_seconds"]
+    else:
+        lr = CHOSEN_LEARNING_RATES.get(spec.name, spec.lr_grid[0])
+        folder, seconds = timed_training(spec, setup.ctx, lr, work / "runs" / slug(spec.name))
+    index = [s.name for s in method_specs(cfg.gamma)].index(spec.name)
+    row = evaluate_row(setup.world, setup.shared, work / "evals" / f"{slug(spec.name)}.json",
+                       cfg.seed + 100 + index, str(folder))
+    memory = _row_marker(work, spec)
+    if not memory.is_file():            # the process that trained and evaluated the row, not a read-back
+        memory.parent.mkdir(parents=True, exist_ok=True)
+        memory.write_text(json.dumps(memory_mb()))
+    return {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
+            "reward": spec.reward, "pair": spec.pair, "train_seconds": seconds,
+            "lr_chosen_on": "validation" if validation is not None else "fixed",
+            "memory_mb": json.loads(memory.read_text())}
+
+
+def _row_marker(work: Path, spec) -> Path:
+    """Written once a row is trained and evaluated (its memory record): rows with it are read back here,
+    not handed to a worker."""
+    return work / "evals" / f"{slug(spec.name)}.memory.json"
+
+
+def run_methods(setup: Setup, on_row=None) -> dict:
+    """Every row of `setup.specs`, in `cfg.workers` processes when more than one (each row a task, taken
+    in table order); a row already on disk (an earlier, interrupted run) is read back. `on_row(rows)`
+    after each row (the outputs are rewritten, so an interrupted run leaves a table of what finished)."""
+    rows, by_name = {}, {s.name: s for s in setup.specs}
+    validation = _validation_set(setup)
+    with Stage(setup.work, "methods (train + evaluate)", len(setup.specs)) as bar:
+        def finished(name: str) -> None:
+            rows[name] = run_row(setup, by_name[name], validation)
+            bar.set_postfix_str(name)
             bar.update(1)
             if on_row is not None:
-                on_row(rows)
-    return rows
+                on_row({n: rows[n] for n in by_name if n in rows})
+        pending = [s.name for s in setup.specs if not _row_marker(setup.work, s).is_file()]
+        for name in by_name:
+            if name not in pending or setup.cfg.workers == 1 or len(pending) == 1:
+                bar.set_postfix_str(name)
+                finished(name)
+        if setup.cfg.workers > 1 and len(pending) > 1:
+            run_tasks(worker_main, _worker_args(setup), [("row", name) for name in pending],
+                      setup.cfg.workers, on_done=lambda task: finished(task[1]))
+    return {name: rows[name] for name in by_name}
 
 
 def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method: str, gamma: float):
@@ -319,29 +417,66 @@ def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method:
     return probe
 
 
-def run_rate(world, ctx: RunContext, shared: EvalSet, heldout: list[dict], plan: dict, cfg: RealLMConfig,
-             work: Path, pair_files: dict) -> dict:
-    """PMLE and DPO at each n (smallest first, both methods per n), trained until the empirical objective
-    stops improving (`RATE_TOLERANCE`); per epoch: the objective, the held-out objective and exact KL(pi*||pi)."""
+def rate_run(setup: Setup, heldout: list[dict], method: str, n: int) -> dict:
+    """One rate point: `method` on the first n pairs, trained until the empirical objective stops improving
+    (`RATE_TOLERANCE`); per epoch the objective, the held-out objective and exact KL(pi*||pi)."""
+    settings, lr = RATE[method]
+    probe = rate_probe(setup.world, setup.shared, heldout, method, setup.cfg.gamma)
+    _, record = train_to_convergence(method, settings(setup.cfg.gamma), setup.ctx, rate_pair_path(setup.work, n), n,
+                                     setup.work / "rate" / f"{method}-n{n}", lr, setup.plan["rate_max_epochs"],
+                                     RATE_TOLERANCE, probe, check_file=rate_pair_path(setup.work, n, check=True))
+    release_memory()
+    final = record["history"][-1]
+    best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
+    return {**record, "epochs": final["epoch"], "learning_rate": lr,
+            "kl_target_to_policy": final["kl_target_to_policy"],
+            "kl_target_to_policy_stderr": final["kl_target_to_policy_stderr"],
+            "best_heldout_epoch": best["epoch"], "kl_at_best_heldout": best["kl_target_to_policy"]}
+
+
+def run_rate(setup: Setup) -> dict:
+    """PMLE and DPO at each n of the plan (in `cfg.workers` processes when more than one, the largest n
+    first; else the smallest first, both methods per n)."""
+    pair_files, setup.data_summary["labels_rate_pool"] = rate_pairs(setup.world, setup.cfg, setup.plan, setup.work)
+    heldout = heldout_pairs(setup.world, setup.cfg, setup.plan, setup.work)
+    tasks = [("rate", method, n) for n in sorted(pair_files) for method in RATE]
     results = {m: {} for m in RATE}
-    probes = {method: rate_probe(world, shared, heldout, method, cfg.gamma) for method in RATE}
-    with Stage(work, "rate (pmle, dpo to convergence)", len(RATE) * len(plan["rate_ns"])) as bar:
-        for n in sorted(plan["rate_ns"]):
-            for method, (settings, lr) in RATE.items():
-                bar.set_postfix_str(f"{method} n={n}")
-                _, record = train_to_convergence(method, settings(cfg.gamma), ctx, pair_files[n], n,
-                                                 work / "rate" / f"{method}-n{n}", lr, plan["rate_max_epochs"],
-                                                 RATE_TOLERANCE, probes[method])
-                release_memory()
-                final = record["history"][-1]
-                best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
-                results[method][n] = {**record, "epochs": final["epoch"], "learning_rate": lr,
-                                      "kl_target_to_policy": final["kl_target_to_policy"],
-                                      "kl_target_to_policy_stderr": final["kl_target_to_policy_stderr"],
-                                      "best_heldout_epoch": best["epoch"],
-                                      "kl_at_best_heldout": best["kl_target_to_policy"]}
-                bar.update(1)
-    return results
+    with Stage(setup.work, "rate (pmle, dpo to convergence)", len(tasks)) as bar:
+        def finished(task) -> None:
+            results[task[1]][task[2]] = rate_run(setup, heldout, task[1], task[2])
+            bar.set_postfix_str(f"{task[1]} n={task[2]}")
+            bar.update(1)
+        pending = [t for t in tasks if not (setup.work / "rate" / f"{t[1]}-n{t[2]}" / "convergence.json").is_file()]
+        for task in tasks:
+            if task not in pending or setup.cfg.workers == 1 or len(pending) == 1:
+                finished(task)
+        if setup.cfg.workers > 1 and len(pending) > 1:
+            run_tasks(worker_main, _worker_args(setup), pending[::-1], setup.cfg.workers, on_done=finished)
+    return {m: dict(sorted(by_n.items())) for m, by_n in results.items()}
+
+
+def _worker_args(setup: Setup) -> tuple:
+    return str(setup.out), {k: getattr(setup.cfg, k) for k in setup.cfg.__dataclass_fields__}
+
+
+def worker_main(out: str, fields: dict, threads: int, todo, done) -> None:
+    """A worker process of `run_methods` / `run_rate` (`workers.run_tasks`): read the experiment's stages
+    back once, then run ("row", name) and ("rate", method, n) tasks until told to stop."""
+    torch.set_num_threads(threads)
+    Stage.in_worker = True
+    setup = prepare(Path(out), RealLMConfig(**fields))
+    validation, heldout = _validation_set(setup), None
+    while (task := todo.get()) is not None:
+        try:
+            if task[0] == "row":
+                run_row(setup, next(s for s in setup.specs if s.name == task[1]), validation)
+            else:
+                heldout = heldout if heldout is not None else heldout_pairs(setup.world, setup.cfg, setup.plan,
+                                                                            setup.work)
+                rate_run(setup, heldout, task[1], task[2])
+            done.put((task, None))
+        except Exception as error:       # reported to the main process, which names the task
+            done.put((task, f"{type(error).__name__}: {error}"))
 
 
 def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dict:
@@ -359,52 +494,24 @@ def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dic
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, config: RealLMConfig | None = None) -> dict:
     cfg = config or load_config(RealLMConfig, None, [f"quick={str(quick).lower()}", f"seed={seed}"])
-    plan, out = _plan(cfg), Path(out_dir)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    model_dir = cfg.model or str(smollm2_folder(cfg.cache_dir or out / "cache"))
-    system = cfg.system_prompt or FRENCH
-    world = RealLMWorld.load(model_dir, system_prompt=system, max_new_tokens=plan["max_new_tokens"], gamma=cfg.gamma)
-    share_world(world)          # the oracle reward scores with this model, not a second copy
-    calibration = calibration_seconds(world.model)
-    files, data_summary = prepare_data(world, cfg, plan, work)
-    with Stage(work, "evaluation samples (pi*, pi0 on test prompts)", 3) as bar:
-        shared = EvalSet.cached(work / "eval_set.json", world, _questions("test", plan["n_eval_prompts"]),
-                                plan["eval_per_prompt"], cfg.seed + 7, progress=bar)
-    ctx = RunContext(model_dir, files, plan["n_pairs"], plan["max_new_tokens"], plan["batch_size"], plan["epochs"],
-                     cfg.seed, {"model_dir": model_dir, "system_prompt": system,
-                                "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma},
-                     prompt_tokens=max(map(len, world.prompt_ids(_questions("train", plan["n_train_prompts"]),
-                                                                 "reference"))))
-    specs = spec_by_name(method_specs(cfg.gamma), cfg.methods)
-    if any(s.uses_reward_model for s in specs):
-        with Stage(work, "reward model", 1) as bar:
-            ctx.reward_model = str(train_reward_model(ctx, RM_LEARNING_RATE, work / "runs" / "reward-model",
-                                                      plan["rm_epochs"]))
-            bar.update(1)
-        shared.rm = ctx.reward_model
-    rows = reference_rows(world, shared, cfg, work)
-    rm_accuracy = cached_rm_accuracy(world, shared, work / "reward_model_accuracy.json") if shared.rm else None
+    out, began = Path(out_dir), time.perf_counter()
+    setup = prepare(out, cfg)
+    calibration = calibration_seconds(setup.world.model)
+    work = setup.work
 
     def results(rate: dict) -> dict:
         timings = json.loads((work / "timings.json").read_text())
         selected = json.loads((work / "selected.json").read_text()) if (work / "selected.json").is_file() else {}
-        return {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "plan": plan,
-                "world": world.describe(), "precision": PRECISION.__dict__, "data": data_summary, "rows": rows,
-                "rate": rate, "selected": selected, "reward_model_accuracy": rm_accuracy, "timings": timings,
-                "memory": json.loads((work / "memory.json").read_text()), "seconds": sum(timings.values()),
-                "seconds_this_invocation": time.perf_counter() - began,
+        return {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "plan": setup.plan,
+                "world": setup.world.describe(), "precision": PRECISION.__dict__, "data": setup.data_summary,
+                "rows": setup.rows, "rate": rate, "selected": selected, "reward_model_accuracy": setup.rm_accuracy,
+                "timings": timings, "memory": json.loads((work / "memory.json").read_text()),
+                "seconds": sum(timings.values()), "seconds_this_invocation": time.perf_counter() - began,
                 "calibration_seconds": calibration, "calibration_seconds_quiet": QUIET_CALIBRATION}
 
     from .real_lm_report import write_outputs
-    rows.update(run_methods(world, specs, ctx, shared, cfg, plan, work,
-                            on_row=lambda done: write_outputs(out, results({}) | {"rows": {**rows, **done}})))
-    rate = {}
-    if cfg.rate:
-        pair_files, data_summary["labels_rate_pool"] = rate_pairs(world, cfg, plan, work)
-        heldout = heldout_pairs(world, cfg, plan, work)
-        rate = run_rate(world, ctx, shared, heldout, plan, cfg, work, pair_files)
-    final = results(rate)
+    setup.rows.update(run_methods(setup, on_row=lambda done: write_outputs(
+        out, results({}) | {"rows": {**setup.rows, **done}})))
+    final = results(run_rate(setup) if cfg.rate else {})
     write_outputs(out, final)
     return final

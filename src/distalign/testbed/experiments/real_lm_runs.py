@@ -15,6 +15,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.models import evaluating, save_model
-from distalign.training.checkpoint import latest_checkpoint
+from distalign.training.checkpoint import latest_checkpoint, load_checkpoint
 from distalign.training.offline import OfflineTrainer, train_offline
 from distalign.training.online import train_online
 from distalign.training.online_pairwise import train_online_pairwise
@@ -211,25 +212,28 @@ def train_reward_model(ctx: RunContext, learning_rate: float, out: Path, epochs:
 
 def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext, pairs_file: Path, n: int,
                          out: Path, learning_rate: float, max_epochs: int, tolerance: float,
-                         probe: Callable | None = None) -> tuple[Path, dict]:
-    """Offline `method` on n pairs until the empirical objective (its mean loss over the n training pairs,
-    at the end of an epoch) improves by less than `tolerance` (relative) over one epoch, or max_epochs.
+                         probe: Callable | None = None, check_file: Path | None = None) -> tuple[Path, dict]:
+    """Offline `method` on n pairs until the empirical objective (its mean loss over the training pairs in
+    `check_file`, default all n, at the end of an epoch) improves by less than `tolerance` (relative)
+    over one epoch, or max_epochs.
 
-    Constant learning rate (a decaying schedule would need the stopping epoch in advance). After every
-    epoch `probe(model)` adds its numbers (the experiment's held-out objective and exact KL) to the
-    history, so the report can show the whole curve, not only where the rule stopped. Returns final/ and
+    Constant learning rate (a decaying schedule would need the stopping epoch in advance). Batches of
+    similar length (`group_by_length`: less padding, same objective). After every epoch `probe(model)`
+    adds its numbers (the experiment's held-out objective and exact KL) to the history, so the report
+    can show the whole curve, not only where the rule stopped; and a checkpoint plus the history so far
+    are saved, so an interrupted run resumes at its last finished epoch. Returns final/ and
     {"history": [{epoch, objective, ...probe}], "converged", "tolerance"}, also in out/convergence.json.
     """
     out = Path(out)
-    record = out / "convergence.json"
+    record, progress = out / "convergence.json", out / "progress.json"
     if record.is_file() and (out / "final" / "adapter_config.json").is_file():
         return out / "final", json.loads(record.read_text())
     steps_per_epoch = max(1, n // ctx.batch_size)
     overrides = [f"method={method}", f"model.name_or_path={ctx.model_dir}", *LORA, *ctx.lengths(), *settings,
-                 f"data.train={pairs_file}", f"data.eval={pairs_file}",
+                 f"data.train={pairs_file}", f"data.eval={check_file or pairs_file}", "group_by_length=true",
                  *ctx.split(ctx.batch_size, ctx.prompt_tokens + 2 * ctx.max_new_tokens),
                  f"train.output_dir={out}", f"train.max_steps={steps_per_epoch * max_epochs}",
-                 f"train.seed={ctx.seed}", "train.progress_bar=false", *_precision(),
+                 f"train.seed={ctx.seed}", "train.progress_bar=false", "train.keep_checkpoints=1", *_precision(),
                  f"optim.learning_rate={learning_rate}", "optim.warmup_steps=0", "optim.schedule=constant"]
     if method in ("dpo", "cpo"):
         overrides.append("precompute_reference=true")
@@ -244,8 +248,8 @@ def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext
                     entry.update(probe(model))
             return entry
 
-        history, converged = [measure(0)], False
-        for epoch in range(1, max_epochs + 1):
+        history, converged = _resume(out, progress, trainer, steps_per_epoch) or [measure(0)], False
+        for epoch in range(len(history), max_epochs + 1):
             for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
                 trainer.train_step(step)
             history.append(measure(epoch))
@@ -253,7 +257,32 @@ def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext
             if before - after < tolerance * abs(before):
                 converged = True
                 break
+            if epoch < max_epochs:
+                trainer.save(epoch * steps_per_epoch, epoch)
+                _write_json(progress, {"history": history})
         save_model(model, trainer.tokenizer, out / "final")
-    result = {"history": history, "converged": converged, "tolerance": tolerance}
-    record.write_text(json.dumps(result))
+    result = {"history": history, "converged": converged, "tolerance": tolerance,
+              "objective_pairs": len(Path(check_file or pairs_file).read_text().splitlines())}
+    _write_json(record, result)
+    progress.unlink(missing_ok=True)
     return out / "final", result
+
+
+def _resume(out: Path, progress: Path, trainer: OfflineTrainer, steps_per_epoch: int) -> list[dict] | None:
+    """The history of an interrupted `train_to_convergence`, with the trainer restored to the checkpoint of
+    its last finished epoch; None when there is nothing to resume (or the two do not belong together)."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None or not progress.is_file():
+        return None
+    history = json.loads(progress.read_text())["history"]
+    state = load_checkpoint(checkpoint, trainer.acc.unwrap_model(trainer.model), trainer.optimizer, trainer.scheduler)
+    if state["step"] != (len(history) - 1) * steps_per_epoch:
+        raise ValueError(f"{out}: checkpoint at step {state['step']} does not match the {len(history) - 1} "
+                         f"epoch(s) in {progress.name}; remove the folder to restart this rate point")
+    return history
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
