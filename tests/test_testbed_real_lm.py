@@ -154,7 +154,11 @@ def quick_run(model_dir, out, *overrides: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "distalign", "testbed", "real-lm", "--quick", "--out", str(out),
                            f"model={model_dir}", *overrides], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    if results["rate"]:                 # each point's paired change from pi0, and the plot
+        assert all(math.isfinite(p["moved_from_pi0"]) for by_n in results["rate"].values() for p in by_n.values())
+        assert (out / "rate_kl_vs_n.png").stat().st_size > 1000
     table = (out / "table.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
     for name in rows:

@@ -17,7 +17,7 @@ def _echo_worker(log_dir: str, threads: int, todo, done) -> None:
             with open(os.path.join(log_dir, f"{task}.txt"), "w") as handle:
                 handle.write(f"{os.getpid()} {threads}")
             done.put((task, None))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- the worker protocol: report, do not die
             done.put((task, f"{type(error).__name__}: {error}"))
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .chat import DEFAULT_CHAT, ChatFormat
+from .files import write_text_atomic
 from .records import DataReport, TokenizedDemo, TokenizedPair, TokenizedPrompt
 from .tokenize import tokenize_examples
 from .validation import load_examples
@@ -75,11 +74,7 @@ def _write_entry(entry: Path, records, load_report: DataReport, tok_report: Data
         text = json.dumps(payload)
     except TypeError:
         return  # extra columns that JSON cannot hold (dates, bytes): such data is simply not cached
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, entry)
+    write_text_atomic(entry, text)
 
 
 def _read_entry(entry: Path, kind: str):

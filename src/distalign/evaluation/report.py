@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from distalign.data.files import write_text_atomic
+
 _MEAN_KEYS = ("mean", "rate", "accuracy", "kl")
 _STDERR_KEYS = {"mean": "stderr", "rate": "stderr", "accuracy": "stderr", "kl": "kl_stderr"}
 
@@ -75,7 +77,5 @@ def write_report(results: Mapping[str, Mapping], out_dir: str | os.PathLike, nam
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     for path, text in ((json_path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n"),
                        (md_path, markdown_table(results, columns))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return json_path, md_path

@@ -23,11 +23,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from distalign.data.files import write_text_atomic
 
 from .lm import LMWorld, sequence_count, sequence_index, sequence_reward
 
@@ -116,12 +117,7 @@ def prompt_rows(world: LMWorld, n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write via a temporary name and rename: a reader (a trainer in another process of the same run)
     sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_world_datasets(world: LMWorld, out_dir: str | Path, *, n_pairs: int, n_demos: int, n_prompts: int,

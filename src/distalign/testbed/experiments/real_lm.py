@@ -19,7 +19,6 @@ evaluation samples -> reward model -> [learning-rate selection] -> methods -> ra
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from distalign.config import load_config
 from distalign.config.testbed import RealLMConfig
+from distalign.data.files import write_text_atomic
 from distalign.models import load_policy
 from distalign.objectives import PairLogps, get_pairwise_objective
 
@@ -52,6 +52,7 @@ from .real_lm_eval import (
     EvalSet,
     evaluate_policy,
     evaluate_target,
+    paired_kl_difference,
     reward_model_accuracy,
     target_sample_logps,
 )
@@ -125,9 +126,7 @@ class Stage:
 def _update_json(path: Path, change) -> None:
     """Read, change and replace a small JSON record in one step (atomic replace: a second process running
     other rows on the same <out> never reads half a file; a lost update needs both to write within ms)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(change(json.loads(path.read_text()) if path.is_file() else {}), indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(change(json.loads(path.read_text()) if path.is_file() else {}), indent=1))
 
 
 def labels(pool: list[dict], cfg: RealLMConfig, salt: int) -> list[dict]:
@@ -411,9 +410,10 @@ def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method:
     def probe(model) -> dict:
         a, b = world.pair_logps(questions, chosen, rejected, "reference", model=model)
         heldout_loss = objective(PairLogps(a, b, *lengths, *refs), **hparams).mean()
-        kl = mc_kl(shared.target_star, target_sample_logps(world, shared, model))
+        logps = target_sample_logps(world, shared, model)
+        kl = mc_kl(shared.target_star, logps)
         return {"heldout_objective": float(heldout_loss), "kl_target_to_policy": kl[0],
-                "kl_target_to_policy_stderr": kl[1]}
+                "kl_target_to_policy_stderr": kl[1], TARGET_LOGPS: logps.tolist()}
     return probe
 
 
@@ -427,11 +427,29 @@ def rate_run(setup: Setup, heldout: list[dict], method: str, n: int) -> dict:
                                      RATE_TOLERANCE, probe, check_file=rate_pair_path(setup.work, n, check=True))
     release_memory()
     final = record["history"][-1]
+    if TARGET_LOGPS not in final:       # recorded before the probe kept them: score the saved final model once
+        final[TARGET_LOGPS] = _final_target_logps(setup, setup.work / "rate" / f"{method}-n{n}")
     best = min(record["history"][1:], key=lambda h: h["heldout_objective"])
+    moved = paired_kl_difference(final, setup.rows["pi0 (start)"])
     return {**record, "epochs": final["epoch"], "learning_rate": lr,
             "kl_target_to_policy": final["kl_target_to_policy"],
             "kl_target_to_policy_stderr": final["kl_target_to_policy_stderr"],
+            "moved_from_pi0": moved[0], "moved_from_pi0_stderr": moved[1],
             "best_heldout_epoch": best["epoch"], "kl_at_best_heldout": best["kl_target_to_policy"]}
+
+
+def _final_target_logps(setup: Setup, run_dir: Path) -> list[float]:
+    """log pi_n of the test prompts' pi* samples for a rate point's saved final/ model, cached beside it."""
+    path = run_dir / "final_target_logps.json"
+    stamp = _model_stamp(str(run_dir / "final"))
+    if path.is_file() and json.loads(path.read_text())["model_stamp"] == stamp:
+        return json.loads(path.read_text())[TARGET_LOGPS]
+    policy = load_policy(str(run_dir / "final")).merge_and_unload().eval().requires_grad_(False)
+    logps = target_sample_logps(setup.world, setup.shared, policy).tolist()
+    del policy
+    release_memory()
+    path.write_text(json.dumps({TARGET_LOGPS: logps, "model_stamp": stamp}))
+    return logps
 
 
 def run_rate(setup: Setup) -> dict:
@@ -475,7 +493,7 @@ def worker_main(out: str, fields: dict, threads: int, todo, done) -> None:
                                                                             setup.work)
                 rate_run(setup, heldout, task[1], task[2])
             done.put((task, None))
-        except Exception as error:       # reported to the main process, which names the task
+        except Exception as error:  # noqa: BLE001 -- reported to the main process, which names the task
             done.put((task, f"{type(error).__name__}: {error}"))
 
 

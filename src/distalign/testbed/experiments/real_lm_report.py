@@ -53,10 +53,36 @@ def rate_table(rate: dict) -> str:
             r = by_n[n]
             curve = " → ".join(f"{h['kl_target_to_policy']:.2f}" for h in r["history"])
             body.append([method, n, r["epochs"], "yes" if r["converged"] else "no (epoch cap)",
-                         _pm(r, "kl_target_to_policy"), int(n) * r["kl_target_to_policy"],
+                         _pm(r, "kl_target_to_policy"), _pm(r, "moved_from_pi0"),
                          f"{r['kl_at_best_heldout']:.3f} (epoch {r['best_heldout_epoch']})", curve, slope])
-    return markdown_table(["method", "n pairs", "epochs", "converged", "KL(pi*||pi_n) at stop", "n * KL",
-                           "KL at best held-out epoch", "KL per epoch (0 = pi0)", "log-log slope"], body)
+    return markdown_table(["method", "n pairs", "epochs", "converged", "KL(pi*||pi_n) at stop",
+                           "moved from pi0 (paired)", "KL at best held-out epoch", "KL per epoch (0 = pi0)",
+                           "log-log slope"], body)
+
+
+def rate_plot(out: Path, rate: dict, start: float) -> None:
+    """KL(pi*||pi_n) at the stop against n (log x), one line per method; dashed: pi0's KL."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for method, by_n in rate.items():
+        ns = sorted(by_n, key=int)
+        ax.errorbar([int(n) for n in ns], [by_n[n]["kl_target_to_policy"] for n in ns],
+                    yerr=[by_n[n].get("moved_from_pi0_stderr") or 0.0 for n in ns], marker="o", capsize=3,
+                    label=method)
+    ax.axhline(start, color="grey", linestyle="--", linewidth=0.8, label="pi0 (start)")
+    ax.set_xscale("log")
+    ns = sorted({int(n) for by_n in rate.values() for n in by_n})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("n preference pairs (trained to convergence)")
+    ax.set_ylabel("exact KL(pi*||pi_n), nats per response")
+    ax.set_title("Rate on SmolLM2 (error bars: paired standard error of the change from pi0)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rate_kl_vs_n.png", dpi=110)
+    plt.close(fig)
 
 
 def compare(rows: dict, ours: str, theirs: str, key: str, higher_is_better: bool) -> dict | None:
@@ -175,6 +201,8 @@ def write_outputs(out: Path, results: dict) -> None:
     (out / "table.md").write_text("\n\n".join(f"## {t}\n\n{b}" for t, b in sections) + "\n")
     write_results(out, {**results, "comparisons": comparisons(rows)})
     plots(out, rows)
+    if results["rate"]:
+        rate_plot(out, results["rate"], rows["pi0 (start)"]["kl_target_to_policy"])
     labels = data["labels"]
     rm = results.get("reward_model_accuracy")
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
@@ -205,7 +233,7 @@ def write_outputs(out: Path, results: dict) -> None:
         _reading_win_rate(rows),
         "Paper (GPT-4 win-rate vs human references, Pythia 1.4B / 2.8B): " + "; ".join(
             f"{k} {a:.1f}% / {b:.1f}%" for k, (a, b) in PAPER.items()),
-        "## Rate at this scale\n\n" + rate,
+        "## Rate at this scale\n\n" + rate + ("\n\n![rate](rate_kl_vs_n.png)" if results["rate"] else ""),
         "## Three responses per method\n\n" + _samples(rows),
         f"Stage times: {timings}; total {results['seconds']:.0f} s; peak resident memory of the process "
         f"{max([m['peak_rss_mb'] for m in results.get('memory', {}).values()] or [0])} MB. "

@@ -15,7 +15,6 @@ import ctypes
 import gc
 import json
 import math
-import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from distalign.config import OfflineConfig, load_config
 from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
+from distalign.data.files import write_text_atomic
 from distalign.models import evaluating, save_model
 from distalign.training.checkpoint import latest_checkpoint, load_checkpoint
 from distalign.training.offline import OfflineTrainer, train_offline
@@ -283,6 +283,4 @@ def _resume(out: Path, progress: Path, trainer: OfflineTrainer, steps_per_epoch:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
