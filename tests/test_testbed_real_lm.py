@@ -370,3 +370,20 @@ def test_rate_training_resumes_at_its_last_finished_epoch(world_dir, tmp_path):
         assert a["objective"] == pytest.approx(b["objective"], abs=1e-6)
         assert a["lora_sum"] == pytest.approx(b["lora_sum"], abs=1e-6)
     assert not (tmp_path / "resumed" / "progress.json").exists()
+
+
+def test_objective_at_target_by_hand():
+    """pi*'s own rate objective on labelled pairs: PMLE -log sigmoid(gamma (log pi*(c) - log pi*(r))), DPO the
+    same with the log-ratios to pi0; two pairs with margins +10 and -10 (gamma 0.1): softplus(-1), softplus(1)."""
+    from distalign.testbed.experiments.real_lm import objective_at_target
+    rows = [{"chosen_ids": [1, 2], "rejected_ids": [3], "star_chosen": -5.0, "star_rejected": -15.0,
+             "ref_chosen": -5.0, "ref_rejected": -5.0},
+            {"chosen_ids": [1], "rejected_ids": [3, 4], "star_chosen": -20.0, "star_rejected": -10.0,
+             "ref_chosen": -10.0, "ref_rejected": -10.0}]
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    assert objective_at_target(rows, "pmle", 0.1) == pytest.approx((softplus(-1.0) + softplus(1.0)) / 2)
+    # DPO margins: 0.1 * ((-5 + 5) - (-15 + 5)) = 1 and 0.1 * ((-20 + 10) - (-10 + 10)) = -1
+    assert objective_at_target(rows, "dpo", 0.1) == pytest.approx((softplus(-1.0) + softplus(1.0)) / 2)
+    rows[1]["ref_chosen"] = -20.0                   # DPO's second margin becomes 0: log 2
+    assert objective_at_target(rows, "dpo", 0.1) == pytest.approx((softplus(-1.0) + math.log(2)) / 2)
+    assert objective_at_target(rows, "pmle", 0.1) == pytest.approx((softplus(-1.0) + softplus(1.0)) / 2)

@@ -67,9 +67,6 @@ class RealLMConfig:
     methods: list[str] = _f(help="rows to run (row names or method names); empty = all", factory=list)
     select: bool = _f(False, "choose each method's learning rate on the validation split first (x2 training)")
     rate: bool = _f(True, "run the rate experiment (PMLE and DPO at each n of rate_ns, to convergence)")
-    workers: int = _f(2, "processes that train rows (and rate points) at once, this process's threads shared "
-                         "out among them (on 2 cores two 1-thread processes train ~2x as fast as one)",
-                      range=AT_LEAST_ONE)
     n_pairs: int | None = _f(None, "preference pairs of the main comparison (every method's budget)",
                              range=AT_LEAST_ONE)
     rate_ns: list[int] | None = _f(None, "pair counts of the rate experiment")

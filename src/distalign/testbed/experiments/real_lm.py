@@ -66,7 +66,6 @@ from .real_lm_runs import (
     train_reward_model,
     train_to_convergence,
 )
-from .workers import run_tasks
 
 QUICK = {"n_pairs": 16, "rate_ns": [8, 16], "max_new_tokens": 8, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
          "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 2,
@@ -102,21 +101,17 @@ class Stage:
     over resumed runs) and the process's memory after it to <work>/memory.json (resident MB now, and the
     process's peak so far), so a stage that holds memory it should have freed shows up."""
 
-    in_worker = False   # a worker process's stages are read-backs of what the main process made: no bar, no record
-
     def __init__(self, work: Path, name: str, total: int | None = None):
         self.work, self.name, self.total = work, name, total
 
     def __enter__(self):
         self.start = time.perf_counter()
         reset_peak_memory()
-        self.bar = tqdm(total=self.total, desc=f"real-lm: {self.name}", dynamic_ncols=True, disable=self.in_worker)
+        self.bar = tqdm(total=self.total, desc=f"real-lm: {self.name}", dynamic_ncols=True)
         return self.bar
 
     def __exit__(self, *exc):
         self.bar.close()
-        if self.in_worker:
-            return
         _update_json(self.work / "timings.json",
                      lambda t: {**t, self.name: t.get(self.name, 0.0) + time.perf_counter() - self.start})
         release_memory()
@@ -158,9 +153,9 @@ def prepare_data(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) 
     return {k: str(v) for k, v in files.items()}, summary
 
 
-def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict]:
+def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) -> tuple[dict, dict, list[dict]]:
     """The rate experiment's nested pair files (prefixes of one pool, the main comparison's pool extended):
-    {n: `rate_pair_path`} and the label statistics of the largest."""
+    {n: `rate_pair_path`}, the label statistics of the largest, and its labelled rows."""
     train = _questions("train", plan["n_train_prompts"])
     n_pool = max(plan["rate_ns"])
     with Stage(work, "rate pairs (pool extended)", n_pool) as bar:
@@ -171,7 +166,7 @@ def rate_pairs(world: RealLMWorld, cfg: RealLMConfig, plan: dict, work: Path) ->
         paths[n] = rate_pair_path(work, n)
         write_jsonl(paths[n], pair_records(world, rows[:n]))
         write_jsonl(rate_pair_path(work, n, check=True), pair_records(world, rows[:min(n, RATE_CHECK_PAIRS)]))
-    return paths, label_statistics(rows, cfg.gamma)
+    return paths, label_statistics(rows, cfg.gamma), rows
 
 
 def rate_pair_path(work: Path, n: int, check: bool = False) -> Path:
@@ -321,7 +316,6 @@ def prepare(out: Path, cfg: RealLMConfig) -> Setup:
     ctx = RunContext(model_dir, files, plan["n_pairs"], plan["max_new_tokens"], plan["batch_size"], plan["epochs"],
                      cfg.seed, {"model_dir": model_dir, "system_prompt": system,
                                 "max_new_tokens": plan["max_new_tokens"], "gamma": cfg.gamma},
-                     progress_bar=not Stage.in_worker,
                      prompt_tokens=max(map(len, world.prompt_ids(_questions("train", plan["n_train_prompts"]),
                                                                  "reference"))))
     specs = spec_by_name(method_specs(cfg.gamma), cfg.methods)
@@ -358,50 +352,31 @@ def run_row(setup: Setup, spec, validation: EvalSet | None) -> dict:
     index = [s.name for s in method_specs(cfg.gamma)].index(spec.name)
     row = evaluate_row(setup.world, setup.shared, work / "evals" / f"{slug(spec.name)}.json",
                        cfg.seed + 100 + index, str(folder))
-    memory = _row_marker(work, spec)
-    if not memory.is_file():            # the process that trained and evaluated the row, not a read-back
-        memory.parent.mkdir(parents=True, exist_ok=True)
-        memory.write_text(json.dumps(memory_mb()))
     return {**row, "learning_rate": lr, "settings": list(spec.settings), "method": spec.method,
             "reward": spec.reward, "pair": spec.pair, "train_seconds": seconds,
-            "lr_chosen_on": "validation" if validation is not None else "fixed",
-            "memory_mb": json.loads(memory.read_text())}
-
-
-def _row_marker(work: Path, spec) -> Path:
-    """Written once a row is trained and evaluated (its memory record): rows with it are read back here,
-    not handed to a worker."""
-    return work / "evals" / f"{slug(spec.name)}.memory.json"
+            "lr_chosen_on": "validation" if validation is not None else "fixed", "memory_mb": memory_mb()}
 
 
 def run_methods(setup: Setup, on_row=None) -> dict:
-    """Every row of `setup.specs`, in `cfg.workers` processes when more than one (each row a task, taken
-    in table order); a row already on disk (an earlier, interrupted run) is read back. `on_row(rows)`
-    after each row (the outputs are rewritten, so an interrupted run leaves a table of what finished)."""
-    rows, by_name = {}, {s.name: s for s in setup.specs}
+    """Every row of `setup.specs` in turn; a row already on disk (an earlier, interrupted run) is read
+    back. `on_row(rows)` after each row (the outputs are rewritten, so an interrupted run leaves a table
+    of what finished)."""
+    rows = {}
     validation = _validation_set(setup)
     with Stage(setup.work, "methods (train + evaluate)", len(setup.specs)) as bar:
-        def finished(name: str) -> None:
-            rows[name] = run_row(setup, by_name[name], validation)
-            bar.set_postfix_str(name)
+        for spec in setup.specs:
+            bar.set_postfix_str(spec.name)
+            rows[spec.name] = run_row(setup, spec, validation)
             bar.update(1)
             if on_row is not None:
-                on_row({n: rows[n] for n in by_name if n in rows})
-        pending = [s.name for s in setup.specs if not _row_marker(setup.work, s).is_file()]
-        for name in by_name:
-            if name not in pending or setup.cfg.workers == 1 or len(pending) == 1:
-                bar.set_postfix_str(name)
-                finished(name)
-        if setup.cfg.workers > 1 and len(pending) > 1:
-            run_tasks(worker_main, _worker_args(setup), [("row", name) for name in pending],
-                      setup.cfg.workers, on_done=lambda task: finished(task[1]))
-    return {name: rows[name] for name in by_name}
+                on_row(rows)
+    return rows
 
 
 def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method: str, gamma: float):
     """probe(model) -> the method's objective on held-out pairs (validation prompts) and exact KL(pi*||pi)
     on the test prompts' pi* samples: what `train_to_convergence` records after each epoch."""
-    objective, hparams = get_pairwise_objective(method), {"pmle": {"gamma": gamma}, "dpo": {"beta": gamma}}[method]
+    objective, hparams = get_pairwise_objective(method), _rate_hparams(method, gamma)
     questions = [r["question"] for r in heldout]
     chosen, rejected = [r["chosen_ids"] for r in heldout], [r["rejected_ids"] for r in heldout]
     lengths = (torch.tensor([float(len(c)) for c in chosen]), torch.tensor([float(len(r)) for r in rejected]))
@@ -417,9 +392,25 @@ def rate_probe(world: RealLMWorld, shared: EvalSet, heldout: list[dict], method:
     return probe
 
 
-def rate_run(setup: Setup, heldout: list[dict], method: str, n: int) -> dict:
-    """One rate point: `method` on the first n pairs, trained until the empirical objective stops improving
-    (`RATE_TOLERANCE`); per epoch the objective, the held-out objective and exact KL(pi*||pi)."""
+def _rate_hparams(method: str, gamma: float) -> dict:
+    return {"pmle": {"gamma": gamma}, "dpo": {"beta": gamma}}[method]
+
+
+def objective_at_target(rows: list[dict], method: str, gamma: float) -> float:
+    """The rate objective of pi* itself on labelled pairs (from their exact log pi* and log pi0): what an
+    estimator that recovered pi* would score there. An empirical objective far below it is a fit to the
+    label draws, not to pi*."""
+    lengths = (torch.tensor([float(len(r["chosen_ids"])) for r in rows]),
+               torch.tensor([float(len(r["rejected_ids"])) for r in rows]))
+    logps = PairLogps(as_tensor(rows, "star_chosen"), as_tensor(rows, "star_rejected"), *lengths,
+                      as_tensor(rows, "ref_chosen"), as_tensor(rows, "ref_rejected"))
+    return float(get_pairwise_objective(method)(logps, **_rate_hparams(method, gamma)).mean())
+
+
+def rate_run(setup: Setup, heldout: list[dict], method: str, n: int, rows: list[dict]) -> dict:
+    """One rate point: `method` on the first n of the labelled `rows`, trained until the empirical objective
+    stops improving (`RATE_TOLERANCE`); per epoch the objective, the held-out objective and exact
+    KL(pi*||pi); and pi*'s own objective on the same pairs, the yardstick of the fit."""
     settings, lr = RATE[method]
     probe = rate_probe(setup.world, setup.shared, heldout, method, setup.cfg.gamma)
     _, record = train_to_convergence(method, settings(setup.cfg.gamma), setup.ctx, rate_pair_path(setup.work, n), n,
@@ -435,6 +426,8 @@ def rate_run(setup: Setup, heldout: list[dict], method: str, n: int) -> dict:
             "kl_target_to_policy": final["kl_target_to_policy"],
             "kl_target_to_policy_stderr": final["kl_target_to_policy_stderr"],
             "moved_from_pi0": moved[0], "moved_from_pi0_stderr": moved[1],
+            "target_objective": objective_at_target(rows[:record["objective_pairs"]], method, setup.cfg.gamma),
+            "target_heldout_objective": objective_at_target(heldout, method, setup.cfg.gamma),
             "best_heldout_epoch": best["epoch"], "kl_at_best_heldout": best["kl_target_to_policy"]}
 
 
@@ -453,48 +446,18 @@ def _final_target_logps(setup: Setup, run_dir: Path) -> list[float]:
 
 
 def run_rate(setup: Setup) -> dict:
-    """PMLE and DPO at each n of the plan (in `cfg.workers` processes when more than one, the largest n
-    first; else the smallest first, both methods per n)."""
-    pair_files, setup.data_summary["labels_rate_pool"] = rate_pairs(setup.world, setup.cfg, setup.plan, setup.work)
+    """PMLE and DPO at each n of the plan, the smallest n first (both methods per n)."""
+    pair_files, setup.data_summary["labels_rate_pool"], rows = rate_pairs(setup.world, setup.cfg, setup.plan,
+                                                                         setup.work)
     heldout = heldout_pairs(setup.world, setup.cfg, setup.plan, setup.work)
-    tasks = [("rate", method, n) for n in sorted(pair_files) for method in RATE]
     results = {m: {} for m in RATE}
-    with Stage(setup.work, "rate (pmle, dpo to convergence)", len(tasks)) as bar:
-        def finished(task) -> None:
-            results[task[1]][task[2]] = rate_run(setup, heldout, task[1], task[2])
-            bar.set_postfix_str(f"{task[1]} n={task[2]}")
-            bar.update(1)
-        pending = [t for t in tasks if not (setup.work / "rate" / f"{t[1]}-n{t[2]}" / "convergence.json").is_file()]
-        for task in tasks:
-            if task not in pending or setup.cfg.workers == 1 or len(pending) == 1:
-                finished(task)
-        if setup.cfg.workers > 1 and len(pending) > 1:
-            run_tasks(worker_main, _worker_args(setup), pending[::-1], setup.cfg.workers, on_done=finished)
-    return {m: dict(sorted(by_n.items())) for m, by_n in results.items()}
-
-
-def _worker_args(setup: Setup) -> tuple:
-    return str(setup.out), {k: getattr(setup.cfg, k) for k in setup.cfg.__dataclass_fields__}
-
-
-def worker_main(out: str, fields: dict, threads: int, todo, done) -> None:
-    """A worker process of `run_methods` / `run_rate` (`workers.run_tasks`): read the experiment's stages
-    back once, then run ("row", name) and ("rate", method, n) tasks until told to stop."""
-    torch.set_num_threads(threads)
-    Stage.in_worker = True
-    setup = prepare(Path(out), RealLMConfig(**fields))
-    validation, heldout = _validation_set(setup), None
-    while (task := todo.get()) is not None:
-        try:
-            if task[0] == "row":
-                run_row(setup, next(s for s in setup.specs if s.name == task[1]), validation)
-            else:
-                heldout = heldout if heldout is not None else heldout_pairs(setup.world, setup.cfg, setup.plan,
-                                                                            setup.work)
-                rate_run(setup, heldout, task[1], task[2])
-            done.put((task, None))
-        except Exception as error:  # noqa: BLE001 -- reported to the main process, which names the task
-            done.put((task, f"{type(error).__name__}: {error}"))
+    with Stage(setup.work, "rate (pmle, dpo to convergence)", len(RATE) * len(pair_files)) as bar:
+        for n in sorted(pair_files):
+            for method in RATE:
+                bar.set_postfix_str(f"{method} n={n}")
+                results[method][n] = rate_run(setup, heldout, method, n, rows)
+                bar.update(1)
+    return results
 
 
 def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dict:

@@ -42,22 +42,29 @@ def results_table(rows: dict) -> str:
 
 
 def rate_table(rate: dict) -> str:
-    """One row per (method, n): where the stopping rule stopped, and the epoch the held-out objective
-    would have picked; the slope is of log KL at the stop against log n."""
+    """One row per (method, n): where the stopping rule stopped, the empirical and held-out objectives
+    beside pi*'s own on the same pairs (is the fit to pi* or to the draws?), and the epoch the held-out
+    objective would have picked; the slope is of log KL at the stop against log n."""
     body = []
     for method, by_n in rate.items():
         ns = sorted(by_n, key=int)
         slope = loglog_slope([int(n) for n in ns], [max(by_n[n]["kl_target_to_policy"], 1e-9) for n in ns]) \
             if len(ns) > 1 else math.nan
         for n in ns:
-            r = by_n[n]
-            curve = " → ".join(f"{h['kl_target_to_policy']:.2f}" for h in r["history"])
+            r, history = by_n[n], by_n[n]["history"]
+            curve = " → ".join(f"{h['kl_target_to_policy']:.2f}" for h in history)
+            best = min(history[1:], key=lambda h: h["heldout_objective"])
+            target = r.get("target_objective")
             body.append([method, n, r["epochs"], "yes" if r["converged"] else "no (epoch cap)",
+                         f"{history[0]['objective']:.3f} → {history[-1]['objective']:.3f}"
+                         + (f" (pi*: {target:.3f})" if target is not None else ""),
+                         f"{best['heldout_objective']:.3f} at epoch {best['epoch']}"
+                         + (f" (pi*: {r['target_heldout_objective']:.3f})" if "target_heldout_objective" in r else ""),
                          _pm(r, "kl_target_to_policy"), _pm(r, "moved_from_pi0"),
-                         f"{r['kl_at_best_heldout']:.3f} (epoch {r['best_heldout_epoch']})", curve, slope])
-    return markdown_table(["method", "n pairs", "epochs", "converged", "KL(pi*||pi_n) at stop",
-                           "moved from pi0 (paired)", "KL at best held-out epoch", "KL per epoch (0 = pi0)",
-                           "log-log slope"], body)
+                         f"{r['kl_at_best_heldout']:.3f}", curve, slope])
+    return markdown_table(["method", "n pairs", "epochs", "converged", "empirical objective pi0 → stop",
+                           "held-out objective, best", "KL(pi*||pi_n) at stop", "moved from pi0 (paired)",
+                           "KL at best held-out epoch", "KL per epoch (0 = pi0)", "log-log slope"], body)
 
 
 def rate_plot(out: Path, rate: dict, start: float) -> None:
