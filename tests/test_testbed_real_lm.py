@@ -370,6 +370,7 @@ def test_rate_training_resumes_at_its_last_finished_epoch(world_dir, tmp_path):
         assert a["objective"] == pytest.approx(b["objective"], abs=1e-6)
         assert a["lora_sum"] == pytest.approx(b["lora_sum"], abs=1e-6)
     assert not (tmp_path / "resumed" / "progress.json").exists()
+    assert not list((tmp_path / "resumed").glob("checkpoint-*")) and (tmp_path / "resumed" / "final").is_dir()
 
 
 def test_objective_at_target_by_hand():

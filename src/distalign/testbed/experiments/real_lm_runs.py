@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import resource
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from distalign.config.online import OnlineConfig
 from distalign.config.online_pairwise import OnlinePairwiseConfig
 from distalign.data.files import write_text_atomic
 from distalign.models import evaluating, save_model
-from distalign.training.checkpoint import latest_checkpoint, load_checkpoint
+from distalign.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from distalign.training.offline import OfflineTrainer, train_offline
 from distalign.training.online import train_online
 from distalign.training.online_pairwise import train_online_pairwise
@@ -265,6 +266,8 @@ def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext
               "objective_pairs": len(Path(check_file or pairs_file).read_text().splitlines())}
     _write_json(record, result)
     progress.unlink(missing_ok=True)
+    for checkpoint in list_checkpoints(out):     # only a resume needed them; final/ holds the result
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return out / "final", result
 
 
