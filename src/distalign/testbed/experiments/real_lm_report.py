@@ -68,22 +68,25 @@ def rate_table(rate: dict) -> str:
 
 
 def rate_plot(out: Path, rate: dict, start: float) -> None:
-    """KL(pi*||pi_n) at the stop against n (log x), one line per method; dashed: pi0's KL."""
+    """KL(pi*||pi_n) against n (log x) per method, at the stopping rule's stop and (dashed) at the epoch with
+    the lowest held-out objective; grey: pi0's KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for method, by_n in rate.items():
         ns = sorted(by_n, key=int)
-        ax.errorbar([int(n) for n in ns], [by_n[n]["kl_target_to_policy"] for n in ns],
-                    yerr=[by_n[n].get("moved_from_pi0_stderr") or 0.0 for n in ns], marker="o", capsize=3,
-                    label=method)
+        line = ax.errorbar([int(n) for n in ns], [by_n[n]["kl_target_to_policy"] for n in ns],
+                           yerr=[by_n[n].get("moved_from_pi0_stderr") or 0.0 for n in ns], marker="o", capsize=3,
+                           label=f"{method}, at the stop")
+        ax.plot([int(n) for n in ns], [by_n[n]["kl_at_best_heldout"] for n in ns], marker="s", linestyle="--",
+                color=line[0].get_color(), label=f"{method}, at the best held-out epoch")
     ax.axhline(start, color="grey", linestyle="--", linewidth=0.8, label="pi0 (start)")
     ax.set_xscale("log")
     ns = sorted({int(n) for by_n in rate.values() for n in by_n})
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.minorticks_off()
-    ax.set_xlabel("n preference pairs (trained to convergence)")
+    ax.set_xlabel("n preference pairs (stopping rule: < 1% per epoch, or the epoch cap)")
     ax.set_ylabel("exact KL(pi*||pi_n), nats per response")
     ax.set_title("Rate on SmolLM2 (error bars: paired standard error of the change from pi0)", fontsize=9)
     ax.legend(fontsize=8)
