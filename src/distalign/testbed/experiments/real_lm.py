@@ -217,27 +217,40 @@ def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) ->
 def validation_kl(world, validation: EvalSet, path: Path, model_dir: str) -> float:
     """KL(pi*||pi) of a policy folder on the validation prompts' pi* samples (one scoring forward; the
     selection needs nothing else), cached in `path` for the same saved model."""
-    stamp = _model_stamp(model_dir)
-    if path.is_file() and json.loads(path.read_text()).get("model_stamp") == stamp:
-        return json.loads(path.read_text())["kl_target_to_policy"]
-    policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
-    kl = mc_kl(validation.target_star, target_sample_logps(world, validation, policy))
-    del policy
-    release_memory()
-    path.write_text(json.dumps({"kl_target_to_policy": kl[0], "kl_target_to_policy_stderr": kl[1],
-                                "model_stamp": stamp}))
-    return kl[0]
+    def compute() -> dict:
+        kl = mc_kl(validation.target_star, _policy_target_logps(world, validation, model_dir))
+        return {"kl_target_to_policy": kl[0], "kl_target_to_policy_stderr": kl[1]}
+    return _stamped(path, model_dir, compute)["kl_target_to_policy"]
 
 
 def cached_rm_accuracy(world, shared: EvalSet, path: Path) -> dict:
     """`reward_model_accuracy`, cached in `path` for the same saved reward model (a resumed run does not
     score the evaluation set with it again)."""
-    stamp = _model_stamp(shared.rm)
-    if path.is_file() and json.loads(path.read_text()).get("model_stamp") == stamp:
-        return {k: v for k, v in json.loads(path.read_text()).items() if k != "model_stamp"}
-    accuracy = reward_model_accuracy(world, shared)
-    path.write_text(json.dumps({**accuracy, "model_stamp": stamp}))
-    return accuracy
+    record = _stamped(path, shared.rm, lambda: reward_model_accuracy(world, shared))
+    return {k: v for k, v in record.items() if k != "model_stamp"}
+
+
+def _stamped(path: Path, model_dir: str | None, compute) -> dict:
+    """`compute()` (a JSON-able dict), cached in `path` with the `_model_stamp` of the saved model it
+    describes; recomputed when that model was saved again."""
+    stamp = _model_stamp(model_dir)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("model_stamp") == stamp:
+            return cached
+    record = {**compute(), "model_stamp": stamp}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def _policy_target_logps(world, evalset: EvalSet, model_dir: str) -> torch.Tensor:
+    """`target_sample_logps` of a saved policy folder (its LoRA adapter merged), the policy freed after."""
+    policy = load_policy(model_dir).merge_and_unload().eval().requires_grad_(False)
+    logps = target_sample_logps(world, evalset, policy)
+    del policy
+    release_memory()
+    return logps
 
 
 def _model_stamp(model_dir: str | None) -> str | None:
@@ -433,16 +446,9 @@ def rate_run(setup: Setup, heldout: list[dict], method: str, n: int, rows: list[
 
 def _final_target_logps(setup: Setup, run_dir: Path) -> list[float]:
     """log pi_n of the test prompts' pi* samples for a rate point's saved final/ model, cached beside it."""
-    path = run_dir / "final_target_logps.json"
-    stamp = _model_stamp(str(run_dir / "final"))
-    if path.is_file() and json.loads(path.read_text())["model_stamp"] == stamp:
-        return json.loads(path.read_text())[TARGET_LOGPS]
-    policy = load_policy(str(run_dir / "final")).merge_and_unload().eval().requires_grad_(False)
-    logps = target_sample_logps(setup.world, setup.shared, policy).tolist()
-    del policy
-    release_memory()
-    path.write_text(json.dumps({TARGET_LOGPS: logps, "model_stamp": stamp}))
-    return logps
+    final = str(run_dir / "final")
+    return _stamped(run_dir / "final_target_logps.json", final, lambda: {
+        TARGET_LOGPS: _policy_target_logps(setup.world, setup.shared, final).tolist()})[TARGET_LOGPS]
 
 
 def run_rate(setup: Setup) -> dict:

@@ -53,7 +53,7 @@ def rate_table(rate: dict) -> str:
         for n in ns:
             r, history = by_n[n], by_n[n]["history"]
             curve = " → ".join(f"{h['kl_target_to_policy']:.2f}" for h in history)
-            best = min(history[1:], key=lambda h: h["heldout_objective"])
+            best = history[r["best_heldout_epoch"]]           # history[i] is epoch i
             target = r.get("target_objective")
             body.append([method, n, r["epochs"], "yes" if r["converged"] else "no (epoch cap)",
                          f"{history[0]['objective']:.3f} → {history[-1]['objective']:.3f}"

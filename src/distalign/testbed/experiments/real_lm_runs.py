@@ -263,7 +263,7 @@ def train_to_convergence(method: str, settings: tuple[str, ...], ctx: RunContext
                 _write_json(progress, {"history": history})
         save_model(model, trainer.tokenizer, out / "final")
     result = {"history": history, "converged": converged, "tolerance": tolerance,
-              "objective_pairs": len(Path(check_file or pairs_file).read_text().splitlines())}
+              "objective_pairs": len(trainer.eval_records)}
     _write_json(record, result)
     progress.unlink(missing_ok=True)
     for checkpoint in list_checkpoints(out):     # only a resume needed them; final/ holds the result
