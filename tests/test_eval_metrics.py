@@ -141,6 +141,28 @@ def test_sample_responses_left_padding_and_logps(policy, tokenizer):
     assert logps.dtype == torch.float32 and logps.tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def test_response_logps_scores_same_prompt_neighbours_in_one_row(policy, tokenizer):
+    """Rows 0-1, 2-3 and 4-5 share their prompts, row 6 repeats row 5's but its partner is taken, rows 7-9
+    share one prompt (a couple, then a single): every log-prob equals the unpadded fp64 forward of its own
+    [prompt | response], whatever the batch size, and each couple is one row of a forward."""
+    prompts = [p for p in PROMPTS for _ in range(2)] + ["dog"] + PROMPTS[:1] * 3
+    samples = sample_responses(policy, tokenizer, prompts,
+                               max_new_tokens=5, temperature=1.0, seed=3)
+    expected = [reference_logp64(policy, p, r) for p, r in zip(samples.prompts_ids, samples.responses_ids)]
+    forwards = []
+    handle = policy.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    try:
+        for batch_size in (1, 2, 5, 64):
+            forwards.clear()
+            logps = response_logps(policy, samples.prompts_ids, samples.responses_ids, pad_token_id=0,
+                                   batch_size=batch_size)
+            assert logps.dtype == torch.float32 and logps.tolist() == pytest.approx(expected, abs=1e-4), batch_size
+            assert sum(forwards) == 4 + 2, batch_size        # four couples, two singles
+    finally:
+        handle.remove()
+
+
 def test_sampling_is_seeded_and_leaves_caller_rng_alone(policy, tokenizer):
     torch.manual_seed(123)
     state = torch.get_rng_state()

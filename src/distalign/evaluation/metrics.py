@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from distalign import models
-from distalign.data import DEFAULT_CHAT, ChatFormat, response_end_id, tokenize_prompts
+from distalign.data import DEFAULT_CHAT, ChatFormat, TokenizedPair, response_end_id, tokenize_prompts
 from distalign.objectives import kl_estimate
 
 
@@ -141,13 +141,42 @@ def sample_responses(model, tokenizer, prompts: Sequence, max_new_tokens: int = 
 
 def response_logps(model, prompts_ids: Sequence[list[int]], responses_ids: Sequence[list[int]],
                    pad_token_id: int, batch_size: int = 8) -> Tensor:
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only, fp32, shape (N,)."""
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only, fp32, shape (N,).
+
+    Two consecutive rows with the same prompt (k samples per prompt, as evaluation sets are laid out) are
+    scored in one shared-prompt row (`models.pair_logps`): the same numbers, the prompt encoded once, which
+    is most of the tokens when prompts are longer than responses. `batch_size` responses per forward."""
     device = next(model.parameters()).device
-    out: list[Tensor] = []
+    doubles, singles = _same_prompt_neighbours(prompts_ids)
+    out = torch.zeros(len(prompts_ids))
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     with eval_mode(model), torch.no_grad():
-        for start in range(0, len(prompts_ids), batch_size):
-            batch = models.collate_sequences(prompts_ids[start:start + batch_size],
-                                             responses_ids[start:start + batch_size], pad_token_id)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out.append(models.sequence_logps(model, batch)[0].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        step = max(1, batch_size // 2)
+        for start in range(0, len(doubles), step):
+            rows = doubles[start:start + step]
+            pairs = [TokenizedPair(prompts_ids[i], responses_ids[i], responses_ids[i + 1]) for i in rows]
+            scored = models.pair_logps(model, to_device(models.collate_pairs(pairs, pad_token_id)))
+            index = torch.tensor(rows)
+            out[index], out[index + 1] = scored.chosen_logps.float().cpu(), scored.rejected_logps.float().cpu()
+        for start in range(0, len(singles), batch_size):
+            rows = singles[start:start + batch_size]
+            batch = models.collate_sequences([prompts_ids[i] for i in rows], [responses_ids[i] for i in rows],
+                                             pad_token_id)
+            out[torch.tensor(rows)] = models.sequence_logps(model, to_device(batch))[0].float().cpu()
+    return out
+
+
+def _same_prompt_neighbours(prompts_ids: Sequence[list[int]]) -> tuple[list[int], list[int]]:
+    """Rows i that start a (i, i + 1) same-prompt couple (taken left to right, not overlapping), and the rest."""
+    doubles, singles, i = [], [], 0
+    while i < len(prompts_ids):
+        if i + 1 < len(prompts_ids) and list(prompts_ids[i]) == list(prompts_ids[i + 1]):
+            doubles.append(i)
+            i += 2
+        else:
+            singles.append(i)
+            i += 1
+    return doubles, singles

@@ -68,7 +68,7 @@ from .real_lm_runs import (
 )
 
 QUICK = {"n_pairs": 16, "rate_ns": [8, 16], "max_new_tokens": 8, "batch_size": 8, "epochs": 2.0, "rm_epochs": 2.0,
-         "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 2,
+         "eval_per_prompt": 2, "n_train_prompts": 16, "n_eval_prompts": 12, "rate_max_epochs": 1,
          "n_heldout_pairs": 8}
 # The full plan: 128 pairs per method, L = 16, 256 evaluation samples (128 test prompts x 2); the rate at
 # n = 250, 1000, 4000 (issue 18). README: per-stage times.
