@@ -178,7 +178,7 @@ def rate_pair_path(work: Path, n: int, check: bool = False) -> Path:
 def _sampler_gap(world: RealLMWorld, questions: list[str], seed: int, work: Path) -> dict:
     path = work / "sampler_gap.json"
     if not path.is_file():
-        path.write_text(json.dumps(world.sampler_gap(questions[:32], seed + 11)))
+        write_text_atomic(path, json.dumps(world.sampler_gap(questions[:32], seed + 11)))
     return json.loads(path.read_text())
 
 
@@ -209,8 +209,7 @@ def evaluate_row(world, shared, path: Path, seed: int, model_dir: str | None) ->
                "model_stamp": stamp}
     del policy
     release_memory()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(row))
+    write_text_atomic(path, json.dumps(row))
     return row
 
 
@@ -239,8 +238,7 @@ def _stamped(path: Path, model_dir: str | None, compute) -> dict:
         if cached.get("model_stamp") == stamp:
             return cached
     record = {**compute(), "model_stamp": stamp}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    write_text_atomic(path, json.dumps(record))
     return record
 
 
@@ -268,7 +266,7 @@ def timed_training(spec, ctx: RunContext, lr: float, run_dir: Path) -> tuple[Pat
     release_memory()
     timing = run_dir / "train_seconds.json"
     if not timing.is_file():
-        timing.write_text(json.dumps(time.perf_counter() - start))
+        write_text_atomic(timing, json.dumps(time.perf_counter() - start))
     return folder, json.loads(timing.read_text())
 
 
@@ -473,7 +471,7 @@ def reference_rows(world, shared: EvalSet, cfg: RealLMConfig, work: Path) -> dic
         bar.update(1)
         target_path = work / "evals" / "pi-star.json"
         if not target_path.is_file():
-            target_path.write_text(json.dumps(evaluate_target(world, shared, cfg.seed + 91)))
+            write_text_atomic(target_path, json.dumps(evaluate_target(world, shared, cfg.seed + 91)))
         rows["pi* (target)"] = {TARGET_LOGPS: shared.target_star.tolist(), **json.loads(target_path.read_text())}
         bar.update(1)
     return rows

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distalign.data.files import write_text_atomic
 from distalign.evaluation import mean_stderr, reward_scores
 from distalign.models import load_reward_model
 
@@ -89,10 +90,10 @@ class EvalSet:
                 return cls(data["questions"], data["target"], torch.tensor(data["target_star"], dtype=torch.float64),
                            data["baseline"], torch.tensor(data["baseline_star"], dtype=torch.float64))
         built = cls.build(world, questions, per_prompt, seed, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"questions": built.questions, "seed": seed, "target": built.target,
-                                    "target_star": built.target_star.tolist(), "baseline": built.baseline,
-                                    "baseline_star": built.baseline_star.tolist()}))
+        record = {"questions": built.questions, "seed": seed, "target": built.target,
+                  "target_star": built.target_star.tolist(), "baseline": built.baseline,
+                  "baseline_star": built.baseline_star.tolist()}
+        write_text_atomic(path, json.dumps(record))
         return built
 
 
